@@ -1,0 +1,36 @@
+"""Checks of a run config that give clear errors before anything is allocated."""
+
+from __future__ import annotations
+
+KNOWN_MODES = ("edm",)
+
+
+def _positive(config, path: str) -> None:
+    value = config
+    for part in path.split("."):
+        value = value[part]
+    if not value > 0:
+        raise ValueError(f"config.{path} must be > 0, got {value!r}")
+
+
+def validate_config(config) -> None:
+    """Raise ValueError naming the first bad key of ``config``."""
+    if config.mode not in KNOWN_MODES:
+        raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: {KNOWN_MODES}")
+    for path in ("data.image_size", "data.channels", "model.base_channels", "model.num_blocks",
+                 "model.emb_mult", "diffusion.sigma_data", "sampler.sigma_max",
+                 "sampler.sigma_min", "sampler.rho", "optim.lr", "ema.halflife_images",
+                 "train.batch_size", "train.total_images", "train.steps_per_dispatch",
+                 "train.log_every_steps", "train.checkpoint_every_steps", "train.num_samples"):
+        _positive(config, path)
+    if not config.model.channel_mult:
+        raise ValueError("config.model.channel_mult must list at least one level")
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ValueError(f"config.model.dropout must lie in [0, 1), got {config.model.dropout}")
+    if config.sampler.num_steps < 2:
+        raise ValueError(f"config.sampler.num_steps must be >= 2, got {config.sampler.num_steps}")
+    if config.sampler.sigma_min >= config.sampler.sigma_max:
+        raise ValueError("config.sampler.sigma_min must be below config.sampler.sigma_max")
+    if config.train.total_images < config.train.batch_size:
+        raise ValueError("config.train.total_images is smaller than one batch "
+                         f"({config.train.total_images} < {config.train.batch_size})")

@@ -1,0 +1,97 @@
+"""Deterministic, resumable batches from an in-memory data set, placed as sharded global arrays.
+
+Batch ``step`` holds examples ``perm_e[p mod N]`` for positions p = step·B … step·B + B − 1 of an
+endless stream of epochs, ``e = p // N`` and ``perm_e`` a permutation seeded by (seed, e). The
+batch for a step is therefore a pure function of (seed, step): resuming from a step count gives
+the same batches, on any number of devices or hosts.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from sfbd_jax.data.sources import ImageDataset
+from sfbd_jax.utils import devices
+
+
+def validate_images(images: np.ndarray, expected_shape: tuple[int, int, int], name: str) -> None:
+    """Raise a clear error unless ``images`` is (N, *expected_shape), finite and in [-1, 1]."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected_shape):
+        raise ValueError(f"data set {name!r}: images have shape {images.shape}, expected "
+                         f"(N, {', '.join(map(str, expected_shape))}) from the config "
+                         "(data.image_size, data.channels)")
+    if images.shape[0] == 0:
+        raise ValueError(f"data set {name!r} is empty")
+    if not np.all(np.isfinite(images)):
+        raise ValueError(f"data set {name!r} contains NaN or infinite pixel values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+        raise ValueError(f"data set {name!r}: pixel values span [{lo:.4g}, {hi:.4g}], outside "
+                         "[-1, 1]; images must be scaled as uint8 / 127.5 - 1")
+
+
+class BatchIndexer:
+    """Example indices of global batch ``step`` (see the module docstring)."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        if num_examples <= 0:
+            raise ValueError("cannot draw batches from an empty data set")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._cache[epoch] = rng.permutation(self.num_examples)
+        return self._cache[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """(batch_size,) int64 indices of batch ``step``."""
+        positions = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_examples)
+        out = np.empty(self.batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self._permutation(int(epoch))[offsets[sel]]
+        return out
+
+
+class TrainBatches:
+    """Stacks of ``steps_per_dispatch`` global batches as sharded arrays over ``mesh``.
+
+    Each host gathers only the rows its devices hold.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, steps_per_dispatch: int,
+                 seed: int, mesh, use_labels: bool):
+        devices.check_divisible(batch_size, mesh)
+        if use_labels and dataset.labels is None:
+            raise ValueError(f"the model is class-conditional but data set {dataset.name!r} "
+                             "has no labels")
+        self.dataset = dataset
+        self.indexer = BatchIndexer(len(dataset), batch_size, seed)
+        self.steps_per_dispatch = steps_per_dispatch
+        self.sharding = devices.batch_sharding(mesh, leading_axes=1)
+        self.use_labels = use_labels
+        shape = (steps_per_dispatch, batch_size)
+        self.rows = devices.process_rows(self.sharding, shape, axis=1)
+
+    def get(self, first_step: int) -> dict:
+        """Batches for steps first_step … first_step + steps_per_dispatch − 1."""
+        idx = np.stack([self.indexer.indices(first_step + i)
+                        for i in range(self.steps_per_dispatch)])
+        global_shape = idx.shape
+        local = idx[:, self.rows]
+        out = {"image": self._place(self.dataset.images[local], global_shape)}
+        if self.use_labels:
+            out["label"] = self._place(self.dataset.labels[local], global_shape)
+        return out
+
+    def _place(self, local: np.ndarray, global_index_shape) -> jax.Array:
+        global_shape = tuple(global_index_shape) + local.shape[2:]
+        return jax.make_array_from_process_local_data(self.sharding, local, global_shape)

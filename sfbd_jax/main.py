@@ -1,0 +1,27 @@
+"""Entry point: ``python -m sfbd_jax.main --config configs/NAME.py --workdir DIR``.
+
+Override any config key with ``--config.a.b=value``. All logic lives in importable modules.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from sfbd_jax.utils import devices
+
+    devices.configure_cpu_devices(FLAGS.config.num_cpu_devices)
+    from sfbd_jax import run
+
+    run.run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,227 @@
+"""DDPM++ / NCSN++-style U-Net in Flax linen (the layout of EDM's ``SongUNet``).
+
+Input ``x``: (B, H, W, C) float; ``noise_labels``: (B,) float (EDM's c_noise = ln(σ)/4);
+optional ``class_labels``: (B,) int in [0, num_classes). Output: (B, H, W, out_channels).
+The label embedding is added to the noise embedding before the embedding MLP; CEP adds its
+perturbation δ to the label embedding through ``label_embedding_noise`` (B, noise_channels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_SKIP_SCALE = math.sqrt(0.5)
+_ZERO = nn.initializers.zeros
+# EDM's DDPM++ output conv uses xavier-uniform with weight 0.2 (variance 0.04).
+_OUT_INIT = nn.initializers.variance_scaling(0.04, "fan_avg", "uniform")
+_XAVIER = nn.initializers.xavier_uniform()
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(32, max(channels // 4, 1)), epsilon=1e-6)
+
+
+def _downsample(x: jax.Array) -> jax.Array:
+    """2× average pooling (EDM's resample filter [1, 1])."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def _upsample(x: jax.Array) -> jax.Array:
+    """2× nearest-neighbour upsampling."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of a scalar per example (DDPM++); (B,) -> (B, channels)."""
+
+    channels: int
+    max_positions: int = 10000
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        half = self.channels // 2
+        freqs = jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1)
+        freqs = (1.0 / self.max_positions) ** freqs
+        x = x.astype(jnp.float32)[:, None] * freqs[None, :]
+        return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features (NCSN++); the frequencies are a fixed, non-trained parameter."""
+
+    channels: int
+    scale: float = 16.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = lambda key, shape: jax.random.normal(key, shape) * self.scale
+        freqs = jax.lax.stop_gradient(self.param("freqs", init, (self.channels // 2,)))
+        x = x.astype(jnp.float32)[:, None] * (2 * jnp.pi * freqs[None, :])
+        return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the spatial positions, with a residual connection."""
+
+    channels_per_head: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        heads = max(c // self.channels_per_head, 1)
+        qkv = nn.Conv(3 * c, (1, 1), kernel_init=_XAVIER, name="qkv")(_group_norm(c)(x))
+        q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c), 3, axis=-1)
+        split = lambda t: t.reshape(b, h * w, heads, c // heads)
+        a = nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, h, w, c)
+        a = nn.Conv(c, (1, 1), kernel_init=_ZERO, name="proj")(a)
+        return (x + a) * _SKIP_SCALE
+
+
+class UNetBlock(nn.Module):
+    """Residual block: GN-SiLU-conv, + embedding, GN-SiLU-dropout-conv, optional resample and
+    attention. Residuals are scaled by √0.5 as in DDPM++."""
+
+    out_channels: int
+    dropout: float = 0.0
+    up: bool = False
+    down: bool = False
+    attention: bool = False
+    channels_per_head: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+        in_channels = x.shape[-1]
+        skip = x
+        h = nn.silu(_group_norm(in_channels)(x))
+        if self.up:
+            h, skip = _upsample(h), _upsample(skip)
+        if self.down:
+            h, skip = _downsample(h), _downsample(skip)
+        h = nn.Conv(self.out_channels, (3, 3), kernel_init=_XAVIER, name="conv0")(h)
+        h = h + nn.Dense(self.out_channels, kernel_init=_XAVIER, name="affine")(emb)[:, None, None]
+        h = nn.silu(_group_norm(self.out_channels)(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.Conv(self.out_channels, (3, 3), kernel_init=_ZERO, name="conv1")(h)
+        if self.out_channels != in_channels or self.up or self.down:
+            skip = nn.Conv(self.out_channels, (1, 1), kernel_init=_XAVIER, name="skip")(skip)
+        x = (h + skip) * _SKIP_SCALE
+        if self.attention:
+            x = SelfAttention(self.channels_per_head, name="attn")(x)
+        return x
+
+
+class UNet(nn.Module):
+    """EDM ``SongUNet`` layout: encoder of ``num_blocks`` blocks per level (2× down between
+    levels), a two-block bottleneck (the first with attention), a decoder of ``num_blocks + 1``
+    blocks per level fed with the encoder skips, GN-SiLU-conv output.
+
+    ``channel_mult`` sets the levels (resolution ``image_size / 2**level``); attention runs in
+    every block at a resolution listed in ``attn_resolutions``.
+    """
+
+    image_size: int
+    out_channels: int
+    base_channels: int = 128
+    channel_mult: Sequence[int] = (2, 2, 2)
+    num_blocks: int = 4
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.1
+    channels_per_head: int = 64
+    embedding_type: str = "positional"
+    emb_mult: int = 4
+    num_classes: int = 0
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        noise_labels: jax.Array,
+        class_labels: jax.Array | None = None,
+        *,
+        train: bool = False,
+        label_embedding_noise: jax.Array | None = None,
+    ) -> jax.Array:
+        noise_ch = self.base_channels
+        emb_ch = self.base_channels * self.emb_mult
+        if self.embedding_type == "positional":
+            emb = PositionalEmbedding(noise_ch, name="map_noise")(noise_labels)
+        elif self.embedding_type == "fourier":
+            emb = FourierEmbedding(noise_ch, name="map_noise")(noise_labels)
+        else:
+            raise ValueError(f"model.embedding_type must be 'positional' or 'fourier', "
+                             f"got {self.embedding_type!r}")
+        if self.num_classes:
+            if class_labels is None:
+                raise ValueError("this model is class-conditional (model.num_classes="
+                                 f"{self.num_classes}) but no class labels were given")
+            label_emb = nn.Embed(self.num_classes, noise_ch, embedding_init=_XAVIER,
+                                 name="map_label")(class_labels)
+            if label_embedding_noise is not None:
+                label_emb = label_emb + label_embedding_noise
+            emb = emb + label_emb
+        emb = nn.silu(nn.Dense(emb_ch, kernel_init=_XAVIER, name="map_layer0")(emb))
+        emb = nn.silu(nn.Dense(emb_ch, kernel_init=_XAVIER, name="map_layer1")(emb))
+
+        block = lambda ch, name, **kw: UNetBlock(
+            ch, dropout=self.dropout, channels_per_head=self.channels_per_head, name=name, **kw)
+
+        # Encoder.
+        skips = []
+        h = x
+        channels = self.base_channels
+        for level, mult in enumerate(self.channel_mult):
+            res = self.image_size >> level
+            if level == 0:
+                h = nn.Conv(channels, (3, 3), kernel_init=_XAVIER, name=f"enc{res}_conv")(h)
+            else:
+                h = block(channels, f"enc{res}_down", down=True)(h, emb, train)
+            skips.append(h)
+            for i in range(self.num_blocks):
+                channels = self.base_channels * mult
+                h = block(channels, f"enc{res}_block{i}",
+                          attention=res in self.attn_resolutions)(h, emb, train)
+                skips.append(h)
+
+        # Decoder.
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            res = self.image_size >> level
+            if level == len(self.channel_mult) - 1:
+                h = block(channels, f"dec{res}_in0", attention=True)(h, emb, train)
+                h = block(channels, f"dec{res}_in1")(h, emb, train)
+            else:
+                h = block(channels, f"dec{res}_up", up=True)(h, emb, train)
+            for i in range(self.num_blocks + 1):
+                channels = self.base_channels * mult
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = block(channels, f"dec{res}_block{i}",
+                          attention=i == self.num_blocks and res in self.attn_resolutions,
+                          )(h, emb, train)
+        h = nn.silu(_group_norm(channels)(h))
+        return nn.Conv(self.out_channels, (3, 3), kernel_init=_OUT_INIT, name="out_conv")(h)
+
+
+def build_unet(model_config, image_size: int, channels: int) -> UNet:
+    """The U-Net described by ``config.model`` for images of (image_size, image_size, channels)."""
+    levels = len(model_config.channel_mult)
+    if image_size % (2 ** (levels - 1)):
+        raise ValueError(
+            f"image size {image_size} is not divisible by 2**(levels-1) = {2 ** (levels - 1)} "
+            f"for model.channel_mult={tuple(model_config.channel_mult)}")
+    return UNet(
+        image_size=image_size,
+        out_channels=channels,
+        base_channels=model_config.base_channels,
+        channel_mult=tuple(model_config.channel_mult),
+        num_blocks=model_config.num_blocks,
+        attn_resolutions=tuple(model_config.attn_resolutions),
+        dropout=model_config.dropout,
+        channels_per_head=model_config.channels_per_head,
+        embedding_type=model_config.embedding_type,
+        emb_mult=model_config.emb_mult,
+        num_classes=model_config.num_classes,
+    )

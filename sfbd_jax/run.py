@@ -1,0 +1,31 @@
+"""``run(config, workdir)``: dispatch on ``config.mode`` (usable from a notebook)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    """tf.data must never take GPU/TPU memory from JAX."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return
+    tf.config.experimental.set_visible_devices([], "GPU")
+    tf.config.experimental.set_visible_devices([], "TPU")
+
+
+def run(config, workdir: str):
+    """Run the job ``config.mode`` in ``workdir``; returns the final training state."""
+    _hide_accelerators_from_tensorflow()
+    logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices())
+    os.makedirs(workdir, exist_ok=True)
+    if config.mode == "edm":
+        from sfbd_jax.training import loop
+
+        return loop.train_and_evaluate(config, workdir)
+    raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: 'edm'")

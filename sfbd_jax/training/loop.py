@@ -1,0 +1,230 @@
+"""The shared training machinery (one ``Experiment`` for every method) and the plain EDM run.
+
+An ``Experiment`` owns what a config fixes: the mesh, the network and its EDM denoiser, the
+optimiser, the jitted sharded train step and sampler. Methods (SFBD, Ambient-Omni, CEP) reuse
+``Experiment.train`` on their own data and phases instead of writing another loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from sfbd_jax.config_checks import validate_config
+from sfbd_jax.data import pipeline, sources
+from sfbd_jax.diffusion import sampler as sampler_lib
+from sfbd_jax.models import precond, unet
+from sfbd_jax.training import optim, step
+from sfbd_jax.training.state import TrainState, create_train_state
+from sfbd_jax.utils import checkpoints, devices, images
+
+# Independent PRNG streams derived from config.seed.
+_STREAM_INIT, _STREAM_TRAIN, _STREAM_SAMPLES = 0, 1, 2
+
+
+class Experiment:
+    """Model, optimiser, jitted step and sampler for ``config`` on ``mesh`` (all devices)."""
+
+    def __init__(self, config, mesh=None):
+        validate_config(config)
+        self.config = config
+        self.mesh = mesh if mesh is not None else devices.make_data_mesh()
+        devices.check_divisible(config.train.batch_size, self.mesh,
+                                "config.train.batch_size (global batch)")
+        self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+        self.model = unet.build_unet(config.model, config.data.image_size, config.data.channels)
+        self.denoise = precond.make_denoiser(self.model, config.diffusion.sigma_data)
+        self.optimizer = optim.make_optimizer(config.optim, config.train.batch_size)
+        self.lr_schedule = optim.warmup_schedule(config.optim.lr, config.optim.warmup_images,
+                                                 config.train.batch_size)
+        self.loss_fn = step.edm_loss_fn(self.denoise, config.diffusion)
+        self.train_step = step.make_train_step(self.loss_fn, self.optimizer, config.ema,
+                                               self.mesh, config.train.unroll_dispatch)
+        self.base_key = jax.random.PRNGKey(config.seed)
+        self._samplers: dict[tuple, Any] = {}
+
+    # ----- state -------------------------------------------------------------------------
+    def _init(self, key):
+        k_init, k_train = jax.random.fold_in(key, _STREAM_INIT), jax.random.fold_in(
+            key, _STREAM_TRAIN)
+        params = precond.init_params(self.model, k_init, self.image_shape,
+                                     with_labels=self.config.model.num_classes > 0)
+        return create_train_state(params, self.optimizer, k_train)
+
+    def init_state(self) -> TrainState:
+        """A fresh state, replicated over the mesh."""
+        init = jax.jit(self._init, out_shardings=devices.replicated(self.mesh))
+        return init(self.base_key)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state, without allocating it."""
+        shapes = jax.eval_shape(self._init, self.base_key)
+        return checkpoints.abstract_like(shapes, devices.replicated(self.mesh))
+
+    def restore_or_init(self, checkpointer: checkpoints.Checkpointer) -> TrainState:
+        """The latest checkpoint under ``checkpointer`` if any (errors are raised, never
+        skipped), else a fresh state."""
+        state = checkpointer.restore_latest(self.abstract_state())
+        if state is None:
+            logging.info("No checkpoint in %s: starting from scratch.", checkpointer.directory)
+            return self.init_state()
+        logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
+        return state
+
+    # ----- sampling ----------------------------------------------------------------------
+    def sampler(self, sigmas) -> Any:
+        """The jitted sharded sampler for the grid ``sigmas`` (cached per grid)."""
+        cfg = self.config.sampler
+        sigmas = np.asarray(sigmas, np.float32)
+        cache_key = tuple(sigmas.tolist())
+        if cache_key not in self._samplers:
+            self._samplers[cache_key] = sampler_lib.make_sharded_sampler(
+                self.denoise, self.mesh, sigmas, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
+                s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+        return self._samplers[cache_key]
+
+    def generate(self, params, num: int, key: jax.Array, labels=None) -> np.ndarray:
+        """``num`` samples from noise at σ_max, as a host array (num, H, W, C)."""
+        cfg = self.config.sampler
+        sigmas = sampler_lib.karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        n_dev = self.mesh.devices.size
+        padded = -(-num // n_dev) * n_dev
+        k_noise, k_churn = jax.random.split(key)
+        x = jax.random.normal(k_noise, (padded, *self.image_shape)) * sigmas[0]
+        x = jax.device_put(x, devices.batch_sharding(self.mesh))
+        if labels is not None:
+            labels = jax.device_put(np.resize(np.asarray(labels, np.int32), padded),
+                                    devices.batch_sharding(self.mesh))
+        out = self.sampler(sigmas)(params, x, labels, k_churn)
+        return np.asarray(jax.device_get(out))[:num]
+
+    def sample_labels(self, num: int) -> np.ndarray | None:
+        """Class labels 0, 1, 2, … for a sample grid of a conditional model (None otherwise)."""
+        k = self.config.model.num_classes
+        return (np.arange(num) % k).astype(np.int32) if k else None
+
+    def write_samples(self, state: TrainState, workdir: str, writer, tag: str) -> str:
+        """Sample a grid from the EMA parameters with a fixed key; PNG + TensorBoard image."""
+        num = self.config.train.num_samples
+        key = jax.random.fold_in(self.base_key, _STREAM_SAMPLES)
+        samples = self.generate(state.ema_params, num, key, self.sample_labels(num))
+        grid = images.make_grid(samples)
+        path = os.path.join(workdir, "samples", f"{tag}.png")
+        if jax.process_index() == 0:
+            images.save_png(grid, path)
+        writer.write_images(int(state.step), {"samples": grid[None]})
+        return path
+
+    # ----- training ----------------------------------------------------------------------
+    def train(self, state: TrainState, dataset: sources.ImageDataset, *, end_step: int,
+              phase_start_step: int, data_seed: int, checkpointer: checkpoints.Checkpointer,
+              writer, workdir: str, tag: str = "train") -> TrainState:
+        """Train ``state`` on ``dataset`` until ``state.step == end_step``.
+
+        Batch ``i`` of the phase is drawn for step ``phase_start_step + i`` from ``data_seed``,
+        so a resumed phase sees exactly the batches an uninterrupted one would.
+        """
+        cfg = self.config.train
+        pipeline.validate_images(dataset.images, self.image_shape, dataset.name)
+        batches = pipeline.TrainBatches(dataset, cfg.batch_size, cfg.steps_per_dispatch,
+                                        data_seed, self.mesh,
+                                        use_labels=self.config.model.num_classes > 0)
+        step_now = int(state.step)
+        if (end_step - phase_start_step) % cfg.steps_per_dispatch:
+            raise ValueError(f"the phase length {end_step - phase_start_step} steps is not a "
+                             f"multiple of train.steps_per_dispatch={cfg.steps_per_dispatch}")
+        report = periodic_actions.ReportProgress(num_train_steps=end_step, writer=writer,
+                                                 every_secs=30.0)
+        k = cfg.steps_per_dispatch
+        t_last, step_last = time.time(), step_now
+        while step_now < end_step:
+            state, metrics = self.train_step(state, batches.get(step_now - phase_start_step))
+            step_now += k
+            report(step_now)
+            due = lambda every: every and step_now % every < k
+            if due(cfg.log_every_steps) or step_now == end_step:
+                scalars = {name: float(v) for name, v in jax.device_get(metrics).items()}
+                check_finite_loss(scalars["loss"], step_now, checkpointer)
+                elapsed = time.time() - t_last
+                scalars["lr"] = float(self.lr_schedule(step_now - 1))
+                scalars["images_seen"] = float(state.images_seen)
+                scalars["images_per_sec"] = (step_now - step_last) * cfg.batch_size / elapsed
+                writer.write_scalars(step_now, {f"{tag}/{n}": v for n, v in scalars.items()})
+                t_last, step_last = time.time(), step_now
+            if due(cfg.checkpoint_every_steps) or step_now == end_step:
+                if not due(cfg.log_every_steps) and step_now != end_step:
+                    check_finite_loss(float(metrics["loss"]), step_now, checkpointer)
+                checkpointer.save(step_now, state)
+            if due(cfg.sample_every_steps) and step_now != end_step:
+                self.write_samples(state, workdir, writer, f"{tag}_step{step_now:07d}")
+        return state
+
+
+def check_finite_loss(loss: float, step_now: int, checkpointer: checkpoints.Checkpointer):
+    """Stop with a clear error when the training loss is NaN/inf (the last good checkpoint is
+    kept as it is)."""
+    if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"training loss is {loss} at step {step_now}; stopping before saving this state. "
+            f"The last checkpoint ({checkpointer.latest_step()}) in {checkpointer.directory} is "
+            "untouched. Lower config.optim.lr, enable config.optim.grad_clip or check the data.")
+
+
+def write_run_config(config, workdir: str) -> None:
+    """Record the config (with every seed) in ``workdir/config.json``; when resuming, keep the
+    first record and log the keys whose values changed."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != current:
+            logging.warning("Config differs from the one recorded in %s; resuming with the new "
+                            "values. Recorded: %s", path, previous)
+        return
+    with open(path, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+
+
+def num_steps(config) -> int:
+    """Training steps for config.train.total_images, rounded down to whole dispatches."""
+    cfg = config.train
+    steps = cfg.total_images // cfg.batch_size
+    return steps - steps % cfg.steps_per_dispatch
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Plain EDM training (config.mode == 'edm'): train on the clean data set, checkpoint,
+    resume from the latest checkpoint in ``workdir``, and write sample grids."""
+    workdir = os.path.abspath(workdir)
+    experiment = Experiment(config)
+    write_run_config(config, workdir)
+    dataset = sources.load_source(config.data)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            config.train.max_checkpoints,
+                                            config.train.async_checkpoints)
+    try:
+        state = experiment.restore_or_init(checkpointer)
+        logging.info("Training on %d devices (%s), global batch %d, %d images of %s.",
+                     experiment.mesh.devices.size, jax.devices()[0].platform,
+                     config.train.batch_size, len(dataset), dataset.name)
+        with metric_writers.ensure_flushes(writer):
+            state = experiment.train(state, dataset, end_step=num_steps(config),
+                                     phase_start_step=0, data_seed=config.seed,
+                                     checkpointer=checkpointer, writer=writer, workdir=workdir)
+            path = experiment.write_samples(state, workdir, writer, "final")
+            logging.info("Wrote samples to %s", path)
+    finally:
+        checkpointer.close()
+    return state
