@@ -81,7 +81,8 @@ def heun_sample(
         gamma = jnp.where((t >= s_tmin) & (t <= s_tmax), gamma_max, 0.0)
         t_hat = t * (1.0 + gamma)
         eps = jax.random.normal(k, x.shape, x.dtype) * s_noise
-        return x + jnp.sqrt(t_hat**2 - t**2) * eps, t_hat
+        # √(t̂² − t²) written without the cancellation that can go negative in float32.
+        return x + t * jnp.sqrt(gamma * (2.0 + gamma)) * eps, t_hat
 
     def heun_step(x, inputs):
         t_cur, t_next, k = inputs

@@ -1,0 +1,47 @@
+"""Test set-up: 2 CPU host devices for every test (before JAX initialises its backends), so
+1-device and 2-device meshes can be compared in one process."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from sfbd_jax.utils import devices  # noqa: E402
+
+devices.configure_cpu_devices(2)
+
+
+def tiny_config(image_size: int = 8, channels: int = 1) -> ml_collections.ConfigDict:
+    """The default config shrunk to a network that compiles and steps in seconds."""
+    from configs import default
+
+    c = default.get_config()
+    c.data.image_size = image_size
+    c.data.channels = channels
+    c.model.base_channels = 8
+    c.model.channel_mult = (1, 2)
+    c.model.num_blocks = 1
+    c.model.attn_resolutions = (image_size // 2,)
+    c.model.channels_per_head = 8
+    c.model.emb_mult = 2
+    c.sampler.num_steps = 4
+    c.optim.warmup_images = 64
+    c.ema.halflife_images = 64
+    c.train.batch_size = 8
+    c.train.total_images = 64
+    c.train.log_every_steps = 2
+    c.train.checkpoint_every_steps = 4
+    c.train.sample_every_steps = 0
+    c.train.num_samples = 4
+    c.train.async_checkpoints = False
+    return c
+
+
+@pytest.fixture
+def two_devices():
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 host devices")
+    return jax.devices()[:2]
