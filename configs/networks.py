@@ -4,7 +4,8 @@ import ml_collections
 
 
 def ddpmpp_cifar10() -> ml_collections.ConfigDict:
-    """EDM's CIFAR-10 DDPM++: 128 channels, (2, 2, 2), 4 blocks, attention at 16×16, dropout 0.13."""
+    """EDM's CIFAR-10 DDPM++ (55.7 M parameters): 128 channels, (2, 2, 2), 4 blocks,
+    attention at 16×16, dropout 0.13."""
     return ml_collections.ConfigDict(dict(
         base_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
         dropout=0.13, channels_per_head=64, embedding_type="positional", emb_mult=4,

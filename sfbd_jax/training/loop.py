@@ -148,7 +148,7 @@ class Experiment:
             state, metrics = self.train_step(state, batches.get(step_now - phase_start_step))
             step_now += k
             report(step_now)
-            due = lambda every: every and step_now % every < k
+            due = lambda every, now=step_now: bool(every) and now % every < k
             if due(cfg.log_every_steps) or step_now == end_step:
                 scalars = {name: float(v) for name, v in jax.device_get(metrics).items()}
                 check_finite_loss(scalars["loss"], step_now, checkpointer)
