@@ -9,15 +9,22 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM or "
+                  "multi-node GPU: coordinator and process ids come from the environment).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
     from sfbd_jax.utils import devices
 
     devices.configure_cpu_devices(FLAGS.config.num_cpu_devices)
+    if FLAGS.distributed:
+        jax.distributed.initialize()
     from sfbd_jax import run
 
     run.run(FLAGS.config, FLAGS.workdir)

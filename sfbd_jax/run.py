@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 
 import jax
@@ -18,9 +19,23 @@ def _hide_accelerators_from_tensorflow() -> None:
     tf.config.experimental.set_visible_devices([], "TPU")
 
 
+class _DropOrbaxInfo(logging_std.Filter):
+    """Orbax logs every step of every save at INFO; keep its warnings and errors only."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def _quiet_orbax() -> None:
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
+        handler.addFilter(_DropOrbaxInfo())
+
+
 def run(config, workdir: str):
     """Run the job ``config.mode`` in ``workdir``; returns the final training state."""
     _hide_accelerators_from_tensorflow()
+    _quiet_orbax()
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
     os.makedirs(workdir, exist_ok=True)
