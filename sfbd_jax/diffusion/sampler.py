@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfbd_jax.models.precond import DenoiseFn
+from sfbd_jax.utils import devices
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -105,8 +106,6 @@ def make_sharded_sampler(denoise: DenoiseFn, mesh, sigmas, **churn_kwargs):
     Returns ``sample(params, x_start, labels, key) -> x0``; params are replicated, x_start
     (B, H, W, C) and labels (B,) are split along B (B must divide by the device count).
     """
-    from sfbd_jax.utils import devices
-
     sigmas = np.asarray(sigmas, np.float32)
     batch = devices.batch_sharding(mesh)
     repl = devices.replicated(mesh)
