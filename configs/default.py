@@ -14,9 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_cpu_devices = 0  # host devices exposed on the CPU platform; 0 = one per core.
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "mnist5k"
-    c.data.image_size = 28
+    c.data.source = "mnist5k"  # 'mnist5k' (embedded), 'tfds' or 'folder'.
+    c.data.tfds_name = ""  # source 'tfds': e.g. 'cifar10', 'celeb_a', 'mnist'.
+    c.data.split = "train"  # source 'tfds': any tfds split expression.
+    c.data.data_dir = ""  # source 'tfds': the prepared tfds data dir ('' = tfds default).
+    c.data.folder = ""  # source 'folder': a directory of image files.
+    c.data.image_size = 28  # images are centre-cropped (below) then resized to this.
+    c.data.center_crop = 0  # crop to this square first; 0 = none (CelebA-64: 140).
     c.data.channels = 1
+    c.data.random_flip = False  # horizontal flips at batch time (seeded per step).
 
     c.model = ml_collections.ConfigDict()
     c.model.base_channels = 32

@@ -61,6 +61,11 @@ class BatchIndexer:
         return out
 
 
+def flip_mask(seed: int, step: int, batch_size: int) -> np.ndarray:
+    """(batch_size,) bools: which examples of global batch ``step`` are flipped horizontally."""
+    return np.random.default_rng([seed, 0x5F11B, step]).random(batch_size) < 0.5
+
+
 class TrainBatches:
     """Stacks of ``steps_per_dispatch`` global batches as sharded arrays over ``mesh``.
 
@@ -68,7 +73,7 @@ class TrainBatches:
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, steps_per_dispatch: int,
-                 seed: int, mesh, use_labels: bool):
+                 seed: int, mesh, use_labels: bool, random_flip: bool = False):
         devices.check_divisible(batch_size, mesh)
         if use_labels and dataset.labels is None:
             raise ValueError(f"the model is class-conditional but data set {dataset.name!r} "
@@ -78,6 +83,8 @@ class TrainBatches:
         self.steps_per_dispatch = steps_per_dispatch
         self.sharding = devices.batch_sharding(mesh, leading_axes=1)
         self.use_labels = use_labels
+        self.random_flip = random_flip
+        self.seed = seed
         shape = (steps_per_dispatch, batch_size)
         self.rows = devices.process_rows(self.sharding, shape, axis=1)
 
@@ -87,7 +94,12 @@ class TrainBatches:
                         for i in range(self.steps_per_dispatch)])
         global_shape = idx.shape
         local = idx[:, self.rows]
-        out = {"image": self._place(self.dataset.images[local], global_shape)}
+        images = self.dataset.images[local]
+        if self.random_flip:
+            flips = np.stack([flip_mask(self.seed, first_step + i, idx.shape[1])[self.rows]
+                              for i in range(self.steps_per_dispatch)])
+            images = np.where(flips[:, :, None, None, None], images[:, :, :, ::-1], images)
+        out = {"image": self._place(images, global_shape)}
         if self.use_labels:
             out["label"] = self._place(self.dataset.labels[local], global_shape)
         return out

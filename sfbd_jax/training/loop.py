@@ -135,7 +135,8 @@ class Experiment:
         pipeline.validate_images(dataset.images, self.image_shape, dataset.name)
         batches = pipeline.TrainBatches(dataset, cfg.batch_size, cfg.steps_per_dispatch,
                                         data_seed, self.mesh,
-                                        use_labels=self.config.model.num_classes > 0)
+                                        use_labels=self.config.model.num_classes > 0,
+                                        random_flip=self.config.data.random_flip)
         step_now = int(state.step)
         if (end_step - phase_start_step) % cfg.steps_per_dispatch:
             raise ValueError(f"the phase length {end_step - phase_start_step} steps is not a "
