@@ -24,6 +24,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.random_flip = False  # horizontal flips at batch time (seeded per step).
 
+    # The once-corrupted data set (python -m sfbd_jax.data.prepare --config ...).
+    c.corrupt = ml_collections.ConfigDict()
+    c.corrupt.output_dir = ""  # where the shards and manifest.json are written.
+    c.corrupt.split_seed = 0  # which images stay clean.
+    c.corrupt.noise_seed = 1  # the one-time corruption noise.
+    c.corrupt.clean_count = 50  # clean images kept (SFBD headline: 50); 0 = use the fraction.
+    c.corrupt.clean_fraction = 0.0  # e.g. 0.04 or 0.10 when clean_count is 0.
+    c.corrupt.type = "gaussian_noise"  # gaussian_noise | gaussian_blur | jpeg | motion_blur.
+    c.corrupt.sigma = 0.2  # gaussian_noise: σ_ζ on the [-1, 1] scale.
+    c.corrupt.sigma_px = 0.6  # gaussian_blur: σ_B in pixels.
+    c.corrupt.quality = 30  # jpeg quality.
+    c.corrupt.length = 5  # motion_blur: kernel length in pixels.
+    c.corrupt.angle_deg = 0.0  # motion_blur: direction.
+    c.corrupt.dtype = "float32"  # storage of the noisy values: float32 or float16.
+    c.corrupt.shard_size = 10_000  # images per shard.
+
     c.model = ml_collections.ConfigDict()
     c.model.base_channels = 32
     c.model.channel_mult = (1, 2, 2)

@@ -9,6 +9,7 @@ import dataclasses
 import gzip
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -91,11 +92,12 @@ def resize_images(images: np.ndarray, size: int, center_crop: int = 0) -> np.nda
     return out
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None, image_key: str = "image",
-              label_key: str = "label") -> tuple[np.ndarray, np.ndarray | None, int]:
-    """A tensorflow-datasets image data set as (uint8 images, labels or None, num_classes),
-    read from a prepared ``data_dir`` and never downloaded (offline, tfds would retry downloads
-    for minutes)."""
+def iter_tfds(name: str, split: str, data_dir: str | None = None, chunk_size: int = 1024,
+              image_key: str = "image", label_key: str = "label"
+              ) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray | None]]]:
+    """Stream a tensorflow-datasets image data set in chunks of uint8 images (and labels when
+    the data set has them) from a prepared ``data_dir``; never downloads (offline, tfds would
+    retry downloads for minutes). Returns (num_classes, iterator)."""
     import tensorflow_datasets as tfds
 
     how = (f"Prepare it where there is network access (`tfds build {name} --data_dir DIR`), copy "
@@ -109,23 +111,19 @@ def load_tfds(name: str, split: str, data_dir: str | None = None, image_key: str
     except (AssertionError, FileNotFoundError) as err:
         raise FileNotFoundError(f"tfds data set {name!r} (split {split!r}) is not prepared in "
                                 f"{builder.data_dir}. {how}") from err
-    images, labels = [], []
-    for example in tfds.as_numpy(ds.batch(1024)):
-        if image_key not in example:
-            raise ValueError(f"tfds data set {name!r} has no feature {image_key!r}; features: "
-                             f"{sorted(example)}")
-        images.append(np.asarray(example[image_key], np.uint8))
-        if label_key in example:
-            labels.append(np.asarray(example[label_key]))
-    if not images:
-        raise ValueError(f"tfds data set {name!r} split {split!r} is empty")
-    pixels = np.concatenate(images)
-    label_array = np.concatenate(labels).astype(np.int32) if labels else None
-    num_classes = 0
-    if label_array is not None:
-        feature = builder.info.features[label_key]
-        num_classes = int(getattr(feature, "num_classes", 0) or label_array.max() + 1)
-    return pixels, label_array, num_classes
+    feature = builder.info.features[label_key] if label_key in builder.info.features else None
+    num_classes = int(getattr(feature, "num_classes", 0) or 0)
+
+    def chunks():
+        for example in tfds.as_numpy(ds.batch(chunk_size)):
+            if image_key not in example:
+                raise ValueError(f"tfds data set {name!r} has no feature {image_key!r}; "
+                                 f"features: {sorted(example)}")
+            labels = example.get(label_key) if num_classes else None
+            yield (np.asarray(example[image_key], np.uint8),
+                   None if labels is None else np.asarray(labels, np.int32))
+
+    return num_classes, chunks()
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -159,25 +157,57 @@ def load_folder(path: str, channels: int) -> tuple[np.ndarray, None, int]:
     return np.stack(arrays), None, 0
 
 
-def load_source(data_config) -> ImageDataset:
-    """The clean data set named by ``config.data`` (source 'mnist5k', 'tfds' or 'folder'),
-    centre-cropped/resized to data.image_size and scaled to [-1, 1]."""
+def iter_source(data_config, chunk_size: int = 1024
+                ) -> tuple[str, int, Iterator[tuple[np.ndarray, np.ndarray | None]]]:
+    """Stream the clean data set named by ``config.data`` (source 'mnist5k', 'tfds' or
+    'folder') as chunks of (float32 images in [-1, 1], centre-cropped/resized to
+    data.image_size; int32 labels or None). Returns (name, num_classes, iterator).
+
+    Only one chunk of full-size images is held at a time (CelebA's 218×178 originals).
+    """
     source = data_config.source
     if source == "mnist5k":
         data = load_mnist5k()
         pixels = np.rint((data.images + 1.0) * 127.5).astype(np.uint8)
-        labels, num_classes, name = data.labels, data.num_classes, data.name
+        name, num_classes = data.name, data.num_classes
+        raw = _slices(pixels, data.labels, chunk_size)
     elif source == "tfds":
-        pixels, labels, num_classes = load_tfds(data_config.tfds_name, data_config.split,
-                                                data_config.data_dir or None)
+        num_classes, raw = iter_tfds(data_config.tfds_name, data_config.split,
+                                     data_config.data_dir or None, chunk_size)
         name = f"{data_config.tfds_name}:{data_config.split}"
     elif source == "folder":
         pixels, labels, num_classes = load_folder(data_config.folder, data_config.channels)
         name = data_config.folder
+        raw = _slices(pixels, labels, chunk_size)
     else:
         raise ValueError(f"unknown data.source {source!r}; known: 'mnist5k', 'tfds', 'folder'")
-    pixels = resize_images(pixels, data_config.image_size, data_config.center_crop)
-    if pixels.shape[-1] != data_config.channels:
-        raise ValueError(f"data set {name!r} has {pixels.shape[-1]} channels, config.data."
-                         f"channels is {data_config.channels}")
-    return ImageDataset(uint8_to_unit_range(pixels), labels, num_classes, name)
+
+    def chunks():
+        for pixels, labels in raw:
+            pixels = resize_images(pixels, data_config.image_size, data_config.center_crop)
+            if pixels.shape[-1] != data_config.channels:
+                raise ValueError(f"data set {name!r} has {pixels.shape[-1]} channels, "
+                                 f"config.data.channels is {data_config.channels}")
+            yield uint8_to_unit_range(pixels), labels
+
+    return name, num_classes, chunks()
+
+
+def _slices(pixels, labels, chunk_size):
+    for start in range(0, len(pixels), chunk_size):
+        stop = start + chunk_size
+        yield pixels[start:stop], None if labels is None else labels[start:stop]
+
+
+def load_source(data_config) -> ImageDataset:
+    """The whole clean data set of ``config.data`` in memory (see ``iter_source``)."""
+    name, num_classes, chunks = iter_source(data_config)
+    images, labels = [], []
+    for x, y in chunks:
+        images.append(x)
+        if y is not None:
+            labels.append(y)
+    if not images:
+        raise ValueError(f"data set {name!r} is empty")
+    return ImageDataset(np.concatenate(images), np.concatenate(labels) if labels else None,
+                        num_classes, name)

@@ -1,0 +1,223 @@
+"""Make the corrupted data set once: ``python -m sfbd_jax.data.prepare --config configs/X.py``.
+
+A seeded split of the clean source into a clean subset (``corrupt.clean_count`` images, or
+``corrupt.clean_fraction`` of them) and a remainder that is corrupted exactly once, written to
+``corrupt.output_dir`` as checksummed shards with ``manifest.json``:
+
+    manifest.json
+    clean/images-00000.npy  clean/labels-00000.npy  clean/indices-00000.npy
+    noisy/images-00000.npy  noisy/labels-00000.npy  noisy/indices-00000.npy
+    eval_only/originals-00000.npy   (clean originals of the noisy images; evaluation only)
+
+``indices`` are the positions of each image in the source. The noise of source image i is drawn
+from fold_in(PRNGKey(noise_seed), i): the same whatever the shard size. Noisy values are stored
+unclipped (float32, or float16 with its rounding error recorded in the manifest). The source is
+streamed chunk by chunk; at most one shard per output is held in memory. Preparing again with
+the same settings is a no-op; other settings refuse to overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from sfbd_jax import corruptions
+from sfbd_jax.data import shards, sources
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PARAMS_BY_TYPE = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
+                  "jpeg": ("quality",), "motion_blur": ("length", "angle_deg")}
+SOURCE_KEYS = ("source", "tfds_name", "split", "data_dir", "folder", "image_size",
+               "center_crop", "channels")
+
+
+def settings_record(config) -> dict:
+    """What determines the prepared bytes: the source, the split and the corruption."""
+    c = config.corrupt
+    if c.type not in PARAMS_BY_TYPE:
+        raise ValueError(f"config.corrupt.type={c.type!r} is unknown; known: "
+                         f"{sorted(PARAMS_BY_TYPE)}")
+    if c.dtype not in ("float32", "float16"):
+        raise ValueError(f"config.corrupt.dtype must be 'float32' or 'float16', got {c.dtype!r}")
+    return {
+        "source": {k: config.data[k] for k in SOURCE_KEYS},
+        "split_seed": int(c.split_seed),
+        "noise_seed": int(c.noise_seed),
+        "clean_count": int(c.clean_count),
+        "clean_fraction": float(c.clean_fraction),
+        "corruption": {"type": c.type, **{k: c[k] for k in PARAMS_BY_TYPE[c.type]}},
+        "dtype": c.dtype,
+        "shard_size": int(c.shard_size),
+    }
+
+
+def split_indices(num_examples: int, clean_count: int, clean_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (clean, corrupted) source positions: a seeded random clean subset of
+    ``clean_count`` images (or round(clean_fraction·N) when clean_count is 0)."""
+    n_clean = clean_count if clean_count > 0 else int(round(clean_fraction * num_examples))
+    if not 0 <= n_clean <= num_examples:
+        raise ValueError(f"clean subset of {n_clean} images asked from a source of "
+                         f"{num_examples}")
+    perm = np.random.default_rng([seed, 0xC1EA4]).permutation(num_examples)
+    return np.sort(perm[:n_clean]), np.sort(perm[n_clean:])
+
+
+class _ShardWriter:
+    """Buffers rows of several named arrays and writes a shard of each every ``rows`` rows."""
+
+    def __init__(self, directory: str, group: str, rows: int):
+        self.directory, self.group, self.rows = directory, group, rows
+        self.buffers: dict[str, list[np.ndarray]] = {}
+        self.entries: dict[str, list[dict]] = {}
+        self.count = 0
+
+    def add(self, **arrays: np.ndarray) -> None:
+        for name, a in arrays.items():
+            self.buffers.setdefault(name, []).append(a)
+        self.count += len(next(iter(arrays.values())))
+        while sum(len(a) for a in next(iter(self.buffers.values()))) >= self.rows:
+            self._flush(self.rows)
+
+    def close(self) -> dict[str, list[dict]]:
+        if self.buffers and sum(len(a) for a in next(iter(self.buffers.values()))):
+            self._flush(None)
+        return self.entries
+
+    def _flush(self, rows: int | None) -> None:
+        for name, parts in self.buffers.items():
+            data = np.concatenate(parts)
+            head, tail = (data, data[:0]) if rows is None else (data[:rows], data[rows:])
+            index = len(self.entries.get(name, []))
+            rel = os.path.join(self.group, f"{name}-{index:05d}.npy")
+            self.entries.setdefault(name, []).append(
+                shards.write_shard(self.directory, rel, head))
+            self.buffers[name] = [tail]
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} → {b.get(k)!r}")
+    return out
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} holds no {MANIFEST}: prepare the data set first "
+                                "(python -m sfbd_jax.data.prepare --config ...)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the manifest {path}: {err}") from err
+
+
+def prepare(config) -> dict:
+    """Write (or find already written) the corrupted data set; returns its manifest."""
+    out = os.path.abspath(config.corrupt.output_dir or "")
+    if not config.corrupt.output_dir:
+        raise ValueError("config.corrupt.output_dir is empty: say where to write the data set")
+    record = settings_record(config)
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        manifest = read_manifest(out)
+        if manifest["settings"] == record:
+            logging.info("%s already holds this prepared data set: nothing to do.", out)
+            return manifest
+        raise FileExistsError(
+            f"{out} holds a data set prepared with other settings; refusing to overwrite. "
+            "Differences (recorded → asked): " + "; ".join(
+                _differences(manifest["settings"], record)) + ". Choose another "
+            "config.corrupt.output_dir.")
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists, is not empty and has no {MANIFEST}; refusing to "
+                              "write into it")
+
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    chunk = max(min(int(config.corrupt.shard_size), 4096), 1)
+    name, num_classes, chunks = sources.iter_source(config.data, chunk)
+    num_examples = sum(len(x) for x, _ in chunks)  # a counting pass (streams, holds nothing)
+    clean_idx, noisy_idx = split_indices(num_examples, record["clean_count"],
+                                         record["clean_fraction"], record["split_seed"])
+    is_clean = np.zeros(num_examples, bool)
+    is_clean[clean_idx] = True
+    key = jax.random.PRNGKey(record["noise_seed"])
+    dtype = np.dtype(record["dtype"])
+    clean_w = _ShardWriter(tmp, "clean", record["shard_size"])
+    noisy_w = _ShardWriter(tmp, "noisy", record["shard_size"])
+    eval_w = _ShardWriter(tmp, "eval_only", record["shard_size"])
+    sq_err, max_err, offset = 0.0, 0.0, 0
+    t0 = time.time()
+    _, _, chunks = sources.iter_source(config.data, chunk)
+    for images, labels in chunks:
+        index = np.arange(offset, offset + len(images))
+        offset += len(images)
+        c, n = is_clean[index], ~is_clean[index]
+        extra = {} if labels is None else {"labels": labels[c]}
+        if c.any():
+            clean_w.add(images=images[c], indices=index[c], **extra)
+        if n.any():
+            noisy = corruptions.apply_corruption(images[n], record["corruption"], key, index[n])
+            stored = noisy.astype(dtype)
+            diff = stored.astype(np.float32) - noisy
+            sq_err += float(np.sum(diff.astype(np.float64) ** 2))
+            max_err = max(max_err, float(np.abs(diff).max()))
+            noisy_w.add(images=stored, indices=index[n],
+                        **({} if labels is None else {"labels": labels[n]}))
+            eval_w.add(originals=images[n])
+        logging.info("prepare: %d / %d images (%.0f s)", offset, num_examples, time.time() - t0)
+    if offset != num_examples:
+        raise RuntimeError(f"the source yielded {offset} images on the second pass and "
+                           f"{num_examples} on the first")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "settings": record,
+        "source_name": name,
+        "num_classes": num_classes,
+        "image_shape": [config.data.image_size, config.data.image_size, config.data.channels],
+        "counts": {"source": num_examples, "clean": int(len(clean_idx)),
+                   "noisy": int(len(noisy_idx))},
+        "storage_rounding": {"dtype": record["dtype"], "max_abs": max_err,
+                             "rms": (sq_err / max(len(noisy_idx) * np.prod(
+                                 images.shape[1:]), 1)) ** 0.5},
+        "shards": {"clean": clean_w.close(), "noisy": noisy_w.close(),
+                   "eval_only": eval_w.close()},
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    if os.path.exists(out):
+        os.rmdir(out)  # empty (checked above)
+    os.replace(tmp, out)
+    logging.info("Prepared %s: %d clean + %d corrupted images in %s", name,
+                 len(clean_idx), len(noisy_idx), out)
+    return manifest
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    prepare(flags.FLAGS.config)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

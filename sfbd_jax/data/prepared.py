@@ -1,0 +1,49 @@
+"""Reading a prepared (once-corrupted) data set for training: the clean subset and the noisy
+set. The clean originals of the noisy images are *not* reachable from here (see
+``eval_only.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sfbd_jax.data import shards
+from sfbd_jax.data.prepare import read_manifest
+from sfbd_jax.data.sources import ImageDataset
+
+
+class PreparedDataset:
+    """A prepared data directory; every shard is checksum-verified when read."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.manifest = read_manifest(directory)
+        self.counts = self.manifest["counts"]
+        self.num_classes = int(self.manifest["num_classes"])
+        self.image_shape = tuple(self.manifest["image_shape"])
+
+    def _part(self, group: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        entries = self.manifest["shards"][group]
+        n = self.counts[group]
+        if n == 0:
+            return np.zeros((0, *self.image_shape), np.float32), None, np.zeros(0, np.int64)
+        images = shards.read_all(self.directory, entries["images"])
+        labels = (shards.read_all(self.directory, entries["labels"])
+                  if "labels" in entries else None)
+        indices = shards.read_all(self.directory, entries["indices"])
+        if len(images) != n or len(indices) != n:
+            raise shards.CorruptShardError(
+                f"{self.directory}: the {group} shards hold {len(images)} images, the "
+                f"manifest counts {n}")
+        return images, labels, indices
+
+    def clean(self) -> ImageDataset:
+        """The clean subset: images in [-1, 1]."""
+        images, labels, _ = self._part("clean")
+        return ImageDataset(images.astype(np.float32), labels, self.num_classes,
+                            f"{self.manifest['source_name']}:clean")
+
+    def noisy(self) -> tuple[ImageDataset, np.ndarray]:
+        """The corrupted set (values unclipped) and the source index of each image."""
+        images, labels, indices = self._part("noisy")
+        return (ImageDataset(images.astype(np.float32), labels, self.num_classes,
+                             f"{self.manifest['source_name']}:noisy"), indices)

@@ -1,0 +1,149 @@
+"""The once-corrupted data set: determinism, counts, manifest, refusal to overwrite, checksums."""
+
+import ast
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from sfbd_jax.data import eval_only, prepare, sources
+from sfbd_jax.data.prepared import PreparedDataset
+from sfbd_jax.data.shards import CorruptShardError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mnist_prepare_config(out, **corrupt):
+    c = tiny_config(image_size=28)
+    c.corrupt.output_dir = str(out)
+    c.corrupt.shard_size = 1500
+    for k, v in corrupt.items():
+        c.corrupt[k] = v
+    return c
+
+
+def checksums(manifest):
+    return {e["file"]: e["sha256"] for group in manifest["shards"].values()
+            for entries in group.values() for e in entries}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "mnist_noisy"
+    return out, prepare.prepare(mnist_prepare_config(out))
+
+
+def test_counts_indices_and_noise(prepared):
+    out, manifest = prepared
+    assert manifest["counts"] == {"source": 5000, "clean": 50, "noisy": 4950}
+    assert [e["rows"] for e in manifest["shards"]["noisy"]["images"]] == [1500] * 3 + [450]
+    data = PreparedDataset(str(out))
+    clean = data.clean()
+    noisy, noisy_idx = data.noisy()
+    assert len(clean) == 50 and len(noisy) == 4950
+    clean_idx = np.concatenate([np.load(os.path.join(out, e["file"]))
+                                for e in manifest["shards"]["clean"]["indices"]])
+    np.testing.assert_array_equal(np.sort(np.concatenate([clean_idx, noisy_idx])),
+                                  np.arange(5000))
+    source = sources.load_source(tiny_config(image_size=28).data)
+    np.testing.assert_array_equal(clean.images, source.images[clean_idx])
+    np.testing.assert_array_equal(clean.labels, source.labels[clean_idx])
+    originals = eval_only.load_clean_originals(str(out))
+    np.testing.assert_array_equal(originals, source.images[noisy_idx])
+    noise = noisy.images - originals
+    assert noise.std() == pytest.approx(0.2, rel=0.01)
+    assert noisy.images.max() > 1.0 and noisy.images.min() < -1.0  # stored unclipped
+
+
+def test_same_settings_same_bytes_and_no_op(prepared, tmp_path):
+    out, manifest = prepared
+    other = prepare.prepare(mnist_prepare_config(tmp_path / "again"))
+    assert checksums(other) == checksums(manifest)
+    mtime = os.path.getmtime(out / "manifest.json")
+    assert prepare.prepare(mnist_prepare_config(out)) == manifest  # a no-op
+    assert os.path.getmtime(out / "manifest.json") == mtime
+
+
+def test_noise_does_not_depend_on_the_shard_size(prepared, tmp_path):
+    _, manifest = prepared
+    out = tmp_path / "shard700"
+    prepare.prepare(mnist_prepare_config(out, shard_size=700))
+    a, _ = PreparedDataset(str(out)).noisy()
+    b, _ = PreparedDataset(str(prepared[0])).noisy()
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_other_seeds_give_other_data(prepared, tmp_path):
+    _, manifest = prepared
+    noise2 = prepare.prepare(mnist_prepare_config(tmp_path / "n2", noise_seed=2))
+    split2 = prepare.prepare(mnist_prepare_config(tmp_path / "s2", split_seed=5))
+    first = manifest["shards"]["noisy"]["images"][0]["sha256"]
+    assert noise2["shards"]["noisy"]["images"][0]["sha256"] != first
+    assert (split2["shards"]["clean"]["indices"][0]["sha256"]
+            != manifest["shards"]["clean"]["indices"][0]["sha256"])
+
+
+def test_refuses_to_overwrite_other_settings(prepared):
+    out, _ = prepared
+    with pytest.raises(FileExistsError, match=r"refusing to overwrite.*corruption.sigma: 0.2"):
+        prepare.prepare(mnist_prepare_config(out, sigma=0.5))
+
+
+def test_corrupt_or_truncated_shard_is_named(prepared, tmp_path):
+    out, _ = prepared
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(out, broken)
+    shard = broken / "noisy" / "images-00002.npy"
+    with open(shard, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CorruptShardError, match="noisy/images-00002.npy"):
+        PreparedDataset(str(broken)).noisy()
+    PreparedDataset(str(broken)).clean()  # other shards still read
+
+
+def test_fraction_float16_and_blur(tmp_path):
+    c = mnist_prepare_config(tmp_path / "f16", clean_count=0, clean_fraction=0.04,
+                             dtype="float16", shard_size=5000)
+    m = prepare.prepare(c)
+    assert m["counts"]["clean"] == 200
+    assert 0 < m["storage_rounding"]["rms"] < 1e-3
+    assert m["storage_rounding"]["max_abs"] < 2e-3
+    assert np.load(glob.glob(str(tmp_path / "f16" / "noisy" / "images-*.npy"))[0]).dtype \
+        == np.float16
+    b = prepare.prepare(mnist_prepare_config(tmp_path / "blur", type="gaussian_blur",
+                                             sigma_px=1.0, clean_count=4900))
+    assert b["settings"]["corruption"] == {"type": "gaussian_blur", "sigma_px": 1.0}
+    noisy, _ = PreparedDataset(str(tmp_path / "blur")).noisy()
+    originals = eval_only.load_clean_originals(str(tmp_path / "blur"))
+    # Blur smooths: the energy of neighbour differences (a high-pass filter) drops.
+    assert np.mean(np.diff(noisy.images, axis=2) ** 2) < 0.6 * np.mean(
+        np.diff(originals, axis=2) ** 2)
+
+
+def test_training_code_never_imports_the_eval_only_originals():
+    for path in glob.glob(os.path.join(REPO, "sfbd_jax", "training", "*.py")) + [
+            os.path.join(REPO, "sfbd_jax", "data", "prepared.py"),
+            os.path.join(REPO, "sfbd_jax", "data", "pipeline.py")]:
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                assert not any("eval_only" in n for n in names), path
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sfbd_jax.data.prepare", "--config", "configs/mnist_edm.py",
+         f"--config.corrupt.output_dir={out}", "--config.corrupt.clean_count=4990"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out / "manifest.json") as f:
+        assert json.load(f)["counts"] == {"source": 5000, "clean": 4990, "noisy": 10}
