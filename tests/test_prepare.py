@@ -147,3 +147,27 @@ def test_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(out / "manifest.json") as f:
         assert json.load(f)["counts"] == {"source": 5000, "clean": 4990, "noisy": 10}
+
+
+def test_lazy_reading_gathers_only_asked_rows(prepared):
+    out, _ = prepared
+    eager, _ = PreparedDataset(str(out)).noisy()
+    lazy, _ = PreparedDataset(str(out), lazy=True).noisy()
+    assert lazy.images.shape == eager.images.shape
+    idx = np.array([[4949, 0, 1500], [1499, 3000, 7]])  # across shard boundaries
+    np.testing.assert_array_equal(lazy.images[idx], eager.images[idx])
+    with pytest.raises(IndexError):
+        lazy.images[np.array([4950])]
+
+
+def test_lazy_batches_match_eager_batches(prepared, two_devices):
+    from sfbd_jax.data import pipeline
+    from sfbd_jax.utils import devices
+
+    out, _ = prepared
+    mesh = devices.make_data_mesh(2)
+    got = []
+    for lazy in (False, True):
+        clean = PreparedDataset(str(out), lazy=lazy).clean()
+        got.append(np.asarray(pipeline.TrainBatches(clean, 8, 2, 0, mesh, True).get(3)["image"]))
+    np.testing.assert_array_equal(got[0], got[1])

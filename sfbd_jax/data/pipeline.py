@@ -15,14 +15,20 @@ from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.utils import devices
 
 
-def validate_images(images: np.ndarray, expected_shape: tuple[int, int, int], name: str) -> None:
-    """Raise a clear error unless ``images`` is (N, *expected_shape), finite and in [-1, 1]."""
+def validate_images(images: np.ndarray, expected_shape: tuple[int, int, int], name: str,
+                    check_values: bool = True) -> None:
+    """Raise a clear error unless ``images`` is (N, *expected_shape), finite and in [-1, 1].
+
+    ``check_values=False`` checks the shape only (memory-mapped sets are checked per batch).
+    """
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected_shape):
         raise ValueError(f"data set {name!r}: images have shape {images.shape}, expected "
                          f"(N, {', '.join(map(str, expected_shape))}) from the config "
                          "(data.image_size, data.channels)")
     if images.shape[0] == 0:
         raise ValueError(f"data set {name!r} is empty")
+    if not check_values:
+        return
     if not np.all(np.isfinite(images)):
         raise ValueError(f"data set {name!r} contains NaN or infinite pixel values")
     lo, hi = float(images.min()), float(images.max())
@@ -95,6 +101,10 @@ class TrainBatches:
         global_shape = idx.shape
         local = idx[:, self.rows]
         images = self.dataset.images[local]
+        if not isinstance(self.dataset.images, np.ndarray):  # lazily read: check each batch
+            validate_images(images.reshape(-1, *images.shape[2:]), images.shape[2:],
+                            self.dataset.name)
+            images = images.astype(np.float32)
         if self.random_flip:
             flips = np.stack([flip_mask(self.seed, first_step + i, idx.shape[1])[self.rows]
                               for i in range(self.steps_per_dispatch)])

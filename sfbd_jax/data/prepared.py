@@ -12,10 +12,16 @@ from sfbd_jax.data.sources import ImageDataset
 
 
 class PreparedDataset:
-    """A prepared data directory; every shard is checksum-verified when read."""
+    """A prepared data directory; every shard is checksum-verified when read.
 
-    def __init__(self, directory: str):
+    ``lazy=True`` keeps the images memory-mapped (``shards.ShardedArray``): batches then read
+    only their own rows, so each host of a multi-host run reads only what its devices use, and
+    only process 0 verifies the checksums (every process checks headers and row counts).
+    """
+
+    def __init__(self, directory: str, lazy: bool = False):
         self.directory = directory
+        self.lazy = lazy
         self.manifest = read_manifest(directory)
         self.counts = self.manifest["counts"]
         self.num_classes = int(self.manifest["num_classes"])
@@ -26,7 +32,13 @@ class PreparedDataset:
         n = self.counts[group]
         if n == 0:
             return np.zeros((0, *self.image_shape), np.float32), None, np.zeros(0, np.int64)
-        images = shards.read_all(self.directory, entries["images"])
+        if self.lazy:
+            import jax
+
+            images = shards.ShardedArray(self.directory, entries["images"],
+                                         verify=jax.process_index() == 0)
+        else:
+            images = shards.read_all(self.directory, entries["images"])
         labels = (shards.read_all(self.directory, entries["labels"])
                   if "labels" in entries else None)
         indices = shards.read_all(self.directory, entries["indices"])
@@ -39,11 +51,15 @@ class PreparedDataset:
     def clean(self) -> ImageDataset:
         """The clean subset: images in [-1, 1]."""
         images, labels, _ = self._part("clean")
-        return ImageDataset(images.astype(np.float32), labels, self.num_classes,
+        return ImageDataset(self._float(images), labels, self.num_classes,
                             f"{self.manifest['source_name']}:clean")
 
     def noisy(self) -> tuple[ImageDataset, np.ndarray]:
         """The corrupted set (values unclipped) and the source index of each image."""
         images, labels, indices = self._part("noisy")
-        return (ImageDataset(images.astype(np.float32), labels, self.num_classes,
+        return (ImageDataset(self._float(images), labels, self.num_classes,
                              f"{self.manifest['source_name']}:noisy"), indices)
+
+    @staticmethod
+    def _float(images):
+        return images if isinstance(images, shards.ShardedArray) else images.astype(np.float32)

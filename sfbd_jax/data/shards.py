@@ -58,3 +58,60 @@ def read_shard(directory: str, entry: dict) -> np.ndarray:
 def read_all(directory: str, entries: list[dict]) -> np.ndarray:
     """Concatenate the verified shards ``entries`` in order."""
     return np.concatenate([read_shard(directory, e) for e in entries])
+
+
+def verify_shard(directory: str, entry: dict) -> None:
+    """Check one shard's checksum (reads the whole file)."""
+    read_shard(directory, entry)
+
+
+class ShardedArray:
+    """The rows of several ``.npy`` shards as one read-only array, memory-mapped.
+
+    ``array[indices]`` reads only the rows asked for, so on several hosts each host reads only
+    the examples its own devices consume. Opening checks every shard's .npy header and row count;
+    ``verify=True`` also checks the checksums (reads every file once).
+    """
+
+    def __init__(self, directory: str, entries: list[dict], verify: bool = True):
+        self.parts = []
+        for entry in entries:
+            if verify:
+                verify_shard(directory, entry)
+            path = os.path.join(directory, entry["file"])
+            try:
+                part = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise CorruptShardError(f"shard {path} cannot be opened: {err}") from err
+            if part.shape[0] != entry["rows"]:
+                raise CorruptShardError(f"shard {path} holds {part.shape[0]} rows, the "
+                                        f"manifest says {entry['rows']}")
+            self.parts.append(part)
+        if not self.parts:
+            raise ValueError("a sharded array needs at least one shard")
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index)
+        if index.dtype == bool or index.ndim == 0 and not np.issubdtype(index.dtype, np.integer):
+            raise TypeError("ShardedArray supports integer index arrays only")
+        flat = index.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} rows")
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty((flat.size, *self.shape[1:]), self.dtype)
+        for s in np.unique(which):
+            sel = which == s
+            rows = flat[sel] - self.starts[s]
+            order = np.argsort(rows)  # sorted reads from the memory map
+            out[np.flatnonzero(sel)[order]] = self.parts[s][rows[order]]
+        return out.reshape(*index.shape, *self.shape[1:])
+
+    def to_numpy(self) -> np.ndarray:
+        return np.concatenate([np.asarray(p) for p in self.parts])

@@ -132,7 +132,8 @@ class Experiment:
         so a resumed phase sees exactly the batches an uninterrupted one would.
         """
         cfg = self.config.train
-        pipeline.validate_images(dataset.images, self.image_shape, dataset.name)
+        pipeline.validate_images(dataset.images, self.image_shape, dataset.name,
+                                 check_values=isinstance(dataset.images, np.ndarray))
         batches = pipeline.TrainBatches(dataset, cfg.batch_size, cfg.steps_per_dispatch,
                                         data_seed, self.mesh,
                                         use_labels=self.config.model.num_classes > 0,
