@@ -179,6 +179,7 @@ def prepare(config) -> dict:
                         **({} if labels is None else {"labels": labels[n]}))
             eval_w.add(originals=images[n])
         logging.info("prepare: %d / %d images (%.0f s)", offset, num_examples, time.time() - t0)
+    pixels_per_image = config.data.image_size**2 * config.data.channels
     if offset != num_examples:
         raise RuntimeError(f"the source yielded {offset} images on the second pass and "
                            f"{num_examples} on the first")
@@ -191,8 +192,7 @@ def prepare(config) -> dict:
         "counts": {"source": num_examples, "clean": int(len(clean_idx)),
                    "noisy": int(len(noisy_idx))},
         "storage_rounding": {"dtype": record["dtype"], "max_abs": max_err,
-                             "rms": (sq_err / max(len(noisy_idx) * np.prod(
-                                 images.shape[1:]), 1)) ** 0.5},
+                             "rms": (sq_err / max(len(noisy_idx) * pixels_per_image, 1)) ** 0.5},
         "shards": {"clean": clean_w.close(), "noisy": noisy_w.close(),
                    "eval_only": eval_w.close()},
     }
