@@ -1,0 +1,118 @@
+"""SFBD's backward step (METHODS.md §2a): denoise *every* noisy image from σ_ζ to 0.
+
+The noisy set is cut into output shards of ``shard_size`` rows; each shard is denoised in global
+batches sharded over the mesh (the last partial batch is padded with copies of its last row and
+the padding dropped), written as a checksummed ``.npy`` shard, and recorded in
+``progress.json``. A re-run reuses every shard already recorded whose checksum still matches, so
+a killed denoising pass resumes where it stopped. The pass ends with a count check: the shards
+must cover rows 0..N−1 exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from sfbd_jax.data import shards
+from sfbd_jax.utils import devices
+
+PROGRESS = "progress.json"
+SampleFn = Callable[[object, jax.Array, object, jax.Array], jax.Array]
+
+
+class CountCheckError(RuntimeError):
+    """The denoised set does not hold every noisy image exactly once."""
+
+
+def check_complete(entries: list[dict], num_rows: int) -> None:
+    """Raise CountCheckError unless the shard ``entries`` (with ``start``/``rows``) cover rows
+    0..num_rows−1 exactly once, in order."""
+    position = 0
+    for e in sorted(entries, key=lambda e: e["start"]):
+        if e["start"] != position:
+            kind = "missing" if e["start"] > position else "duplicated"
+            raise CountCheckError(f"denoised set: rows {min(position, e['start'])}.."
+                                  f"{max(position, e['start']) - 1} are {kind} "
+                                  f"(shard {e['file']} starts at {e['start']})")
+        position += e["rows"]
+    if position != num_rows:
+        raise CountCheckError(f"denoised set holds {position} images, the noisy set {num_rows}")
+
+
+def _load_progress(out_dir: str) -> dict:
+    path = os.path.join(out_dir, PROGRESS)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save_progress(out_dir: str, progress: dict) -> None:
+    tmp = os.path.join(out_dir, PROGRESS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(progress, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, PROGRESS))
+
+
+def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_size: int,
+                shard_size: int, key: jax.Array, settings: dict) -> list[dict]:
+    """Denoise every row of ``noisy`` (N, H, W, C; an array or a lazy ShardedArray) with
+    ``sample(params, x, labels, key)`` (e.g. the sharded sampler on ``sigmas_from_level``) into
+    shards under ``out_dir``; returns the shard entries (``file``, ``rows``, ``sha256``,
+    ``start``). ``settings`` identifies the pass (round, σ_ζ, grid, …): recorded shards made
+    with other settings are never reused."""
+    devices.check_divisible(batch_size, mesh, "the denoising batch size")
+    if shard_size % batch_size:
+        raise ValueError(f"denoising shard size {shard_size} must be a multiple of the batch "
+                         f"size {batch_size}")
+    n = len(noisy)
+    os.makedirs(out_dir, exist_ok=True)
+    progress = _load_progress(out_dir)
+    if progress.get("settings") not in (None, settings):
+        raise FileExistsError(f"{out_dir} holds a denoising pass with other settings "
+                              f"({progress['settings']}); refusing to mix them")
+    done = {e["start"]: e for e in progress.get("shards", [])}
+    sharding = devices.batch_sharding(mesh)
+    entries = []
+    for start in range(0, n, shard_size):
+        stop = min(start + shard_size, n)
+        entry = done.get(start)
+        if entry is not None and entry["rows"] == stop - start:
+            try:
+                shards.verify_shard(out_dir, entry)
+                entries.append(entry)
+                continue
+            except shards.CorruptShardError as err:
+                logging.warning("Re-denoising rows %d..%d: %s", start, stop - 1, err)
+        outputs = []
+        for b0 in range(start, stop, batch_size):
+            rows = np.arange(b0, min(b0 + batch_size, stop))
+            padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
+            x = np.asarray(noisy[padded], np.float32)
+            x = jax.make_array_from_process_local_data(
+                sharding, x[devices.process_rows(sharding, x.shape, 0)], x.shape)
+            out = sample(params, x, None, jax.random.fold_in(key, b0))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                out = multihost_utils.process_allgather(out, tiled=True)
+            outputs.append(np.asarray(out)[: len(rows)])
+        denoised = np.concatenate(outputs)
+        if len(denoised) != stop - start:
+            raise CountCheckError(f"rows {start}..{stop - 1}: denoised {len(denoised)} images")
+        if jax.process_index() == 0:
+            entry = shards.write_shard(out_dir, f"denoised-{start:09d}.npy", denoised)
+        else:
+            entry = {"file": f"denoised-{start:09d}.npy", "rows": len(denoised)}
+        entry["start"] = start
+        entries.append(entry)
+        if jax.process_index() == 0:
+            _save_progress(out_dir, {"settings": settings, "shards": entries})
+        logging.info("Denoised %d / %d noisy images.", stop, n)
+    check_complete(entries, n)
+    return entries
