@@ -40,6 +40,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.corrupt.dtype = "float32"  # storage of the noisy values: float32 or float16.
     c.corrupt.shard_size = 10_000  # images per shard.
 
+    # SFBD (config.mode = 'sfbd'); the noisy data come from config.corrupt.
+    c.sfbd = ml_collections.ConfigDict()
+    c.sfbd.pretrain_images = 6_400  # EDM training on the clean subset (round 0).
+    c.sfbd.rounds = 2  # K backward/forward rounds; 0 = pretrain only.
+    c.sfbd.images_per_round = 6_400  # forward fine-tuning per round.
+    c.sfbd.backward_num_steps = 18  # Karras grid size before truncation below σ_ζ.
+    c.sfbd.backward_churn = 0.0  # > 0: stochastic backward step.
+    c.sfbd.denoise_batch_size = 256  # global, split over devices.
+    c.sfbd.denoise_shard_size = 2_048  # images per D^(k) shard (a multiple of the batch).
+    c.sfbd.clean_repeat = 1  # clean images appear this often in D^(k) ∪ D_clean (1 = uniform).
+    c.sfbd.restart_warmup = False  # restart the lr warm-up every round (the reference bug).
+    c.sfbd.eval_every_round = True  # sample grids after every round (else only the last).
+
     c.model = ml_collections.ConfigDict()
     c.model.base_channels = 32
     c.model.channel_mult = (1, 2, 2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-KNOWN_MODES = ("edm",)
+KNOWN_MODES = ("edm", "sfbd")
 
 
 def _positive(config, path: str) -> None:

@@ -43,4 +43,8 @@ def run(config, workdir: str):
         from sfbd_jax.training import loop
 
         return loop.train_and_evaluate(config, workdir)
-    raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: 'edm'")
+    if config.mode == "sfbd":
+        from sfbd_jax.methods import sfbd
+
+        return sfbd.run_sfbd(config, workdir)
+    raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: 'edm', 'sfbd'")

@@ -49,6 +49,7 @@ class Experiment:
                                                self.mesh, config.train.unroll_dispatch)
         self.base_key = jax.random.PRNGKey(config.seed)
         self._samplers: dict[tuple, Any] = {}
+        self.last_scalars: dict[str, float] = {}  # the last metrics ``train`` logged
 
     # ----- state -------------------------------------------------------------------------
     def _init(self, key):
@@ -159,6 +160,7 @@ class Experiment:
                 scalars["images_seen"] = float(state.images_seen)
                 scalars["images_per_sec"] = (step_now - step_last) * cfg.batch_size / elapsed
                 writer.write_scalars(step_now, {f"{tag}/{n}": v for n, v in scalars.items()})
+                self.last_scalars = scalars
                 t_last, step_last = time.time(), step_now
             if due(cfg.checkpoint_every_steps) or step_now == end_step:
                 if not due(cfg.log_every_steps) and step_now != end_step:

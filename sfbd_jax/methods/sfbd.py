@@ -1,0 +1,239 @@
+"""SFBD driver (METHODS.md §2): pretrain on the clean subset, then K rounds of
+backward (denoise every noisy image from σ_ζ with the current EMA model) and forward (fine-tune
+on the denoised ∪ clean set), on the shared ``Experiment`` machinery.
+
+Run directory:
+    checkpoints/          the training state (global step counts across phases)
+    rounds/<k>/           each round's final state (0 = pretrained), kept
+    denoised/round_<k>/   D^(k) as checksummed shards (+ progress.json while it is written)
+    sfbd_progress.json    which phases are done
+    sfbd_summary.json     per-round diagnostics
+    data/                 the prepared data set, when config.corrupt.output_dir is empty
+
+Kill it anywhere and re-run the same command: the latest checkpoint, the phase record and the
+shards already denoised make it continue to the same result as an uninterrupted run.
+Phase ends are global steps: pretrain ends at P = pretrain_images/B, round k's forward at
+P + k·R with R = images_per_round/B, so the learning-rate warm-up (on the optimiser's step
+count) does not restart unless ``sfbd.restart_warmup``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from sfbd_jax.data import prepare as prepare_lib
+from sfbd_jax.data import shards
+from sfbd_jax.data.prepared import PreparedDataset
+from sfbd_jax.data.sources import ImageDataset
+from sfbd_jax.diffusion import sampler as sampler_lib
+from sfbd_jax.evaluation import denoising
+from sfbd_jax.methods import backward
+from sfbd_jax.training import loop
+from sfbd_jax.training.state import TrainState
+from sfbd_jax.utils import checkpoints
+
+PROGRESS = "sfbd_progress.json"
+SUMMARY = "sfbd_summary.json"
+
+
+def phase_steps(config) -> tuple[int, int]:
+    """(pretrain steps P, steps per round R), whole dispatches."""
+    b, k = config.train.batch_size, config.train.steps_per_dispatch
+    p = config.sfbd.pretrain_images // b
+    r = config.sfbd.images_per_round // b
+    return p - p % k, r - r % k
+
+
+def _read_json(path: str, default):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def union_dataset(denoised: np.ndarray, noisy: ImageDataset, clean: ImageDataset,
+                  clean_repeat: int) -> ImageDataset:
+    """D^(k) ∪ D_clean for the forward step: denoised images clipped to [-1, 1], the clean
+    subset repeated ``clean_repeat`` times (1 = uniform over the union, as the reference)."""
+    images = np.concatenate([np.clip(denoised, -1.0, 1.0)] + [clean.images] * clean_repeat)
+    labels = None
+    if noisy.labels is not None and clean.labels is not None:
+        labels = np.concatenate([noisy.labels] + [clean.labels] * clean_repeat)
+    return ImageDataset(images.astype(np.float32), labels, clean.num_classes, "denoised+clean")
+
+
+class SFBDRun:
+    """One SFBD run in ``workdir`` (see the module docstring)."""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.experiment = loop.Experiment(config)
+        cfg = config.sfbd
+        if cfg.rounds < 0 or cfg.clean_repeat < 1:
+            raise ValueError("config.sfbd.rounds must be >= 0 and config.sfbd.clean_repeat >= 1")
+        if config.corrupt.type != "gaussian_noise":
+            raise ValueError("SFBD deconvolves additive Gaussian noise: config.corrupt.type must "
+                             f"be 'gaussian_noise', got {config.corrupt.type!r}")
+        self.pretrain_steps, self.round_steps = phase_steps(config)
+        if self.pretrain_steps <= 0 or (cfg.rounds and self.round_steps <= 0):
+            raise ValueError("config.sfbd.pretrain_images and images_per_round must each be at "
+                             "least one dispatch of config.train.batch_size images")
+        self.data_dir = config.corrupt.output_dir or os.path.join(self.workdir, "data")
+
+    def end_step(self, k: int) -> int:
+        """Global step at which round k (0 = pretraining) ends."""
+        return self.pretrain_steps + k * self.round_steps
+
+    def run(self) -> TrainState:
+        config, exp = self.config, self.experiment
+        loop.write_run_config(config, self.workdir)
+        if config.corrupt.output_dir == "":
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.corrupt.output_dir = self.data_dir
+        prepare_lib.prepare(config)  # a no-op when already prepared with these settings
+        data = PreparedDataset(self.data_dir)
+        clean = data.clean()
+        noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
+        sigma_zeta = float(data.manifest["settings"]["corruption"]["sigma"])
+        logging.info("SFBD on %s: %d clean + %d noisy images, σ_ζ = %g, %d rounds.",
+                     data.manifest["source_name"], len(clean), len(noisy), sigma_zeta,
+                     config.sfbd.rounds)
+
+        writer = metric_writers.create_default_writer(self.workdir,
+                                                      just_logging=jax.process_index() > 0)
+        ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                        config.train.max_checkpoints,
+                                        config.train.async_checkpoints)
+        rounds_ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, "rounds"), None,
+                                               enable_async=False)
+        progress_path = os.path.join(self.workdir, PROGRESS)
+        progress = _read_json(progress_path, {"done": []})
+        summary = _read_json(os.path.join(self.workdir, SUMMARY), [])
+        try:
+            state = exp.restore_or_init(ckpt)
+            with metric_writers.ensure_flushes(writer):
+                # Pretraining (round 0).
+                if int(state.step) < self.end_step(0):
+                    state = exp.train(state, clean, end_step=self.end_step(0),
+                                      phase_start_step=0, data_seed=config.seed,
+                                      checkpointer=ckpt, writer=writer, workdir=self.workdir,
+                                      tag="pretrain")
+                if "pretrain" not in progress["done"]:
+                    summary = self._finish_round(0, state, rounds_ckpt, writer, summary, None)
+                    progress["done"].append("pretrain")
+                    _write_json(progress_path, progress)
+                for k in range(1, config.sfbd.rounds + 1):
+                    if f"round{k}/forward" in progress["done"]:
+                        continue
+                    denoised = self._backward(k, state, noisy, sigma_zeta)
+                    if f"round{k}/backward" not in progress["done"]:
+                        progress["done"].append(f"round{k}/backward")
+                        _write_json(progress_path, progress)
+                    start = self.end_step(k - 1)
+                    if config.sfbd.restart_warmup and int(state.step) == start:
+                        state = state.replace(opt_state=exp.optimizer.init(state.params))
+                    if int(state.step) < self.end_step(k):
+                        train_set = union_dataset(denoised, noisy, clean,
+                                                  config.sfbd.clean_repeat)
+                        state = exp.train(state, train_set, end_step=self.end_step(k),
+                                          phase_start_step=start,
+                                          data_seed=config.seed + 7919 * k, checkpointer=ckpt,
+                                          writer=writer, workdir=self.workdir,
+                                          tag=f"round{k}")
+                    summary = self._finish_round(k, state, rounds_ckpt, writer, summary,
+                                                 denoised)
+                    progress["done"].append(f"round{k}/forward")
+                    _write_json(progress_path, progress)
+        finally:
+            ckpt.close()
+            rounds_ckpt.close()
+        self._log_table(summary)
+        return state
+
+    # ----- phases -----------------------------------------------------------------------
+    def _backward(self, k: int, state: TrainState, noisy: ImageDataset,
+                  sigma_zeta: float) -> np.ndarray:
+        """D^(k): every noisy image denoised from σ_ζ with the EMA of the state that ended
+        round k−1 (restored from rounds/<k−1> when the run resumes mid-forward)."""
+        cfg, sc = self.config.sfbd, self.config.sampler
+        if int(state.step) != self.end_step(k - 1):
+            state = self._round_state(k - 1)
+        sigmas = sampler_lib.sigmas_from_level(sigma_zeta, cfg.backward_num_steps,
+                                               sc.sigma_min, sc.sigma_max, sc.rho)
+        sample = sampler_lib.make_sharded_sampler(
+            self.experiment.denoise, self.experiment.mesh, sigmas, s_churn=cfg.backward_churn,
+            s_tmin=sc.s_tmin, s_tmax=sc.s_tmax, s_noise=sc.s_noise)
+        settings = {"round": k, "sigma_zeta": sigma_zeta,
+                    "num_steps": cfg.backward_num_steps, "churn": cfg.backward_churn,
+                    "batch_size": cfg.denoise_batch_size, "seed": self.config.seed,
+                    "model_step": self.end_step(k - 1)}
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1000 + k)
+        out_dir = os.path.join(self.workdir, "denoised", f"round_{k}")
+        entries = backward.denoise_set(sample, state.ema_params, noisy.images, out_dir,
+                                       mesh=self.experiment.mesh,
+                                       batch_size=cfg.denoise_batch_size,
+                                       shard_size=cfg.denoise_shard_size, key=key,
+                                       settings=settings)
+        return shards.read_all(out_dir, entries)
+
+    def _round_state(self, k: int) -> TrainState:
+        restored = checkpoints.Checkpointer(os.path.join(self.workdir, "rounds")).restore(
+            k, self.experiment.abstract_state())
+        return restored
+
+    def _finish_round(self, k, state, rounds_ckpt, writer, summary, denoised) -> list:
+        """Keep round k's state, write its samples and diagnostics."""
+        if k not in rounds_ckpt.all_steps():
+            rounds_ckpt.save(k, state)
+            rounds_ckpt.wait()
+        row = {"round": k, "step": int(state.step), "images_seen": int(state.images_seen),
+               "train_loss": self.experiment.last_scalars.get("loss", float("nan"))}
+        if denoised is not None:
+            quality = denoising.against_originals(self.data_dir, denoised)
+            row.update(denoised_mse=quality["mse"], denoised_psnr=quality["psnr"],
+                       denoised_clipped_fraction=float(np.mean(np.abs(denoised) > 1.0)))
+        elif k == 0:
+            noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
+            quality = denoising.against_originals(self.data_dir, noisy.images.to_numpy())
+            row.update(noisy_mse=quality["mse"], noisy_psnr=quality["psnr"])
+        if self.config.sfbd.eval_every_round or k == self.config.sfbd.rounds:
+            row["samples"] = self.experiment.write_samples(state, self.workdir, writer,
+                                                           f"round{k}")
+        writer.write_scalars(k, {f"sfbd/{n}": v for n, v in row.items()
+                                 if isinstance(v, float)})
+        summary = [r for r in summary if r["round"] != k] + [row]
+        _write_json(os.path.join(self.workdir, SUMMARY), summary)
+        return summary
+
+    @staticmethod
+    def _log_table(summary: list) -> None:
+        lines = ["round  step     train_loss  denoised_PSNR  denoised_MSE"]
+        for r in sorted(summary, key=lambda r: r["round"]):
+            psnr = r.get("denoised_psnr", r.get("noisy_psnr", float("nan")))
+            mse = r.get("denoised_mse", r.get("noisy_mse", float("nan")))
+            note = "  (noisy set)" if "noisy_psnr" in r else ""
+            lines.append(f"{r['round']:>5}  {r['step']:>7}  {r['train_loss']:>10.3f}  "
+                         f"{psnr:>13.2f}  {mse:>12.5f}{note}")
+        logging.info("SFBD summary:\n%s", "\n".join(lines))
+
+
+def run_sfbd(config, workdir: str) -> TrainState:
+    """Entry for config.mode == 'sfbd'."""
+    return SFBDRun(config, workdir).run()

@@ -1,0 +1,110 @@
+"""SFBD end to end on a tiny folder data set: phases, per-round outputs, resume after kills."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from PIL import Image
+
+from sfbd_jax.data import shards
+from sfbd_jax.run import run
+from sfbd_jax.utils import checkpoints
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """40 smooth 8×8 grey images."""
+    folder = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        coarse = rng.uniform(0, 255, (2, 2))
+        img = np.kron(coarse, np.ones((4, 4))).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    return str(folder)
+
+
+def sfbd_config(folder):
+    c = tiny_config(image_size=8)
+    c.mode = "sfbd"
+    c.data.source, c.data.folder = "folder", folder
+    c.corrupt.clean_count = 8
+    c.corrupt.sigma = 0.2
+    c.sfbd.pretrain_images = 32  # 4 steps of 8
+    c.sfbd.rounds = 2
+    c.sfbd.images_per_round = 32
+    c.sfbd.backward_num_steps = 8
+    c.sfbd.denoise_batch_size = 8
+    c.sfbd.denoise_shard_size = 16  # 32 noisy images: 2 shards per round
+    c.sfbd.eval_every_round = False
+    c.train.checkpoint_every_steps = 2
+    c.train.log_every_steps = 2
+    return c
+
+
+def final_params(workdir):
+    with open(os.path.join(workdir, "sfbd_summary.json")) as f:
+        summary = json.load(f)
+    return summary
+
+
+def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, monkeypatch,
+                                                      two_devices):
+    straight = run(sfbd_config(image_folder), str(tmp_path / "straight"))
+    assert int(straight.step) == 4 + 2 * 4
+    summary = final_params(str(tmp_path / "straight"))
+    assert [r["round"] for r in summary] == [0, 1, 2]
+    assert summary[0]["noisy_psnr"] == pytest.approx(10 * np.log10(4 / 0.04), abs=0.7)
+    assert all(np.isfinite(r["denoised_psnr"]) for r in summary[1:])
+    assert checkpoints.Checkpointer(str(tmp_path / "straight" / "rounds")).all_steps() == [
+        0, 1, 2]
+    for k in (1, 2):
+        with open(tmp_path / "straight" / "denoised" / f"round_{k}" / "progress.json") as f:
+            assert sum(e["rows"] for e in json.load(f)["shards"]) == 32
+    assert os.path.exists(tmp_path / "straight" / "samples" / "round2.png")
+
+    # Kill the same run three times: mid-pretraining (after the step-2 checkpoint), in round
+    # 1's denoising (after its first shard), and mid round-2 fine-tuning (after step 10).
+    workdir = str(tmp_path / "killed")
+    real_save, real_write = checkpoints.Checkpointer.save, shards.write_shard
+
+    def kill_after_save(at_step):
+        def save(self, step, state, force=True):
+            real_save(self, step, state, force)
+            if step == at_step and "checkpoints" in self.directory:
+                self.wait()
+                raise KeyboardInterrupt(f"killed after checkpoint {step}")
+        return save
+
+    def kill_after_shard(directory, relative, array):
+        entry = real_write(directory, relative, array)
+        if "round_1" in directory and relative.endswith("000000016.npy"):
+            raise KeyboardInterrupt("killed while denoising")
+        return entry
+
+    for patch in ((checkpoints.Checkpointer, "save", kill_after_save(2)),
+                  (shards, "write_shard", kill_after_shard),
+                  (checkpoints.Checkpointer, "save", kill_after_save(10))):
+        with monkeypatch.context() as m:
+            m.setattr(*patch)
+            with pytest.raises(KeyboardInterrupt):
+                run(sfbd_config(image_folder), workdir)
+    resumed = run(sfbd_config(image_folder), workdir)
+    assert int(resumed.step) == int(straight.step)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for k in (1, 2):
+        a = shards.read_all(workdir + f"/denoised/round_{k}", json.load(
+            open(f"{workdir}/denoised/round_{k}/progress.json"))["shards"])
+        b = shards.read_all(str(tmp_path / "straight" / "denoised" / f"round_{k}"), json.load(
+            open(tmp_path / "straight" / "denoised" / f"round_{k}" / "progress.json"))["shards"])
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sfbd_refuses_other_corruptions(image_folder, tmp_path):
+    c = sfbd_config(image_folder)
+    c.corrupt.type = "gaussian_blur"
+    with pytest.raises(ValueError, match="gaussian_noise"):
+        run(c, str(tmp_path))
