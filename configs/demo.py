@@ -1,0 +1,24 @@
+"""The README's main job: SFBD on the embedded MNIST-5k digits, tiny CPU network.
+
+50 clean images; the other 4,950 corrupted once with σ_ζ = 0.2 (--config.corrupt.sigma=...).
+Pretrain on the 50, then 2 rounds of denoising every noisy image and fine-tuning on the
+denoised ∪ clean set. Per-round PSNR of the denoised set and sample grids show the progress.
+"""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.mode = "sfbd"
+    c.corrupt.clean_count = 50
+    c.corrupt.sigma = 0.2
+    c.sfbd.pretrain_images = 6_400
+    c.sfbd.rounds = 2
+    c.sfbd.images_per_round = 9_600
+    c.sfbd.backward_num_steps = 18
+    c.train.sample_every_steps = 0
+    c.train.checkpoint_every_steps = 100
+    c.optim.warmup_images = 6_400
+    c.ema.halflife_images = 20_000
+    return c

@@ -1,0 +1,34 @@
+"""Every config file loads, passes the checks and builds its network (shapes only)."""
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+
+from sfbd_jax.config_checks import validate_config
+from sfbd_jax.models import precond, unet
+
+CASES = [("default", None), ("mnist_edm", None), ("demo", None), ("cifar10_sfbd", ""),
+         ("cifar10_sfbd", "frac4"), ("cifar10_sfbd", "frac10"), ("celeba64_sfbd", ""),
+         ("celeba64_sfbd", "sigma1.38")]
+
+
+@pytest.mark.parametrize("name,variant", CASES)
+def test_config_builds(name, variant):
+    module = importlib.import_module(f"configs.{name}")
+    c = module.get_config() if variant is None else module.get_config(variant)
+    validate_config(c)
+    model = unet.build_unet(c.model, c.data.image_size, c.data.channels)
+    shape = (c.data.image_size, c.data.image_size, c.data.channels)
+    params = jax.eval_shape(lambda k: precond.init_params(model, k, shape, False),
+                            jax.random.PRNGKey(0))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) > 0
+    if name.endswith("_sfbd"):
+        assert c.corrupt.sigma in (0.2, 0.59, 1.38)
+        assert c.sfbd.denoise_shard_size % c.sfbd.denoise_batch_size == 0
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown cifar10_sfbd variant"):
+        importlib.import_module("configs.cifar10_sfbd").get_config("frac7")
