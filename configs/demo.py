@@ -3,6 +3,8 @@
 50 clean images; the other 4,950 corrupted once with σ_ζ = 0.2 (--config.corrupt.sigma=...).
 Pretrain on the 50, then 2 rounds of denoising every noisy image and fine-tuning on the
 denoised ∪ clean set. Per-round PSNR of the denoised set and sample grids show the progress.
+Measured on the 2-core CPU (2026-11-23, images_per_round 9,600, 18-level grid): PSNR of the
+noisy set 22.6 dB → D^(1) 28.2 dB → D^(2) 29.2 dB, in 16.8 min; these settings take less.
 """
 
 from configs import default
@@ -15,8 +17,8 @@ def get_config():
     c.corrupt.sigma = 0.2
     c.sfbd.pretrain_images = 6_400
     c.sfbd.rounds = 2
-    c.sfbd.images_per_round = 9_600
-    c.sfbd.backward_num_steps = 18
+    c.sfbd.images_per_round = 6_400
+    c.sfbd.backward_num_steps = 10  # 4 levels from σ_ζ = 0.2: 7 evaluations per image
     c.train.sample_every_steps = 0
     c.train.checkpoint_every_steps = 100
     c.optim.warmup_images = 6_400
