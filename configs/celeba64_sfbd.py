@@ -7,26 +7,20 @@ Images: centre crop 140×140, resized to 64×64. Needs celeb_a prepared for tfds
 (`tfds build celeb_a --data_dir DIR`, then --config.data.data_dir=DIR).
 """
 
-from configs import default, networks
+from configs import default, networks, paper
 
 
 def get_config(variant: str = ""):
     c = default.get_config()
     c.mode = "sfbd"
+    paper.apply_paper_schedule(c)
     c.data.source, c.data.tfds_name, c.data.split = "tfds", "celeb_a", "train"
     c.data.image_size, c.data.center_crop, c.data.channels = 64, 140, 3
     c.data.random_flip = True
     c.model = networks.ncsnpp_celeba64()
     c.optim.lr = 2e-4
-    c.optim.warmup_images = 10_000_000
-    c.ema.halflife_images = 500_000
     c.train.batch_size = 256
-    c.train.log_every_steps = 500
-    c.train.checkpoint_every_steps = 5_000
-    c.train.sample_every_steps = 20_000
-    c.train.num_samples = 64
     c.sampler.num_steps = 40
-    c.corrupt.shard_size = 10_000
     c.corrupt.dtype = "float16"  # 162k × 64×64×3 noisy values: 4 GB instead of 8
     c.corrupt.clean_count = 50
     if variant == "":
@@ -35,10 +29,5 @@ def get_config(variant: str = ""):
         c.corrupt.sigma = 1.38
     else:
         raise ValueError(f"unknown celeba64_sfbd variant {variant!r}: '', 'sigma1.38'")
-    c.sfbd.pretrain_images = 10_000_000
-    c.sfbd.rounds = 5
-    c.sfbd.images_per_round = 20_000_000
-    c.sfbd.backward_num_steps = 40
     c.sfbd.denoise_batch_size = 512
-    c.sfbd.denoise_shard_size = 10_240
     return c

@@ -8,25 +8,19 @@ Needs CIFAR-10 prepared for tfds (`tfds build cifar10 --data_dir DIR`, then
 --config.data.data_dir=DIR).
 """
 
-from configs import default, networks
+from configs import default, networks, paper
 
 
 def get_config(variant: str = ""):
     c = default.get_config()
     c.mode = "sfbd"
+    paper.apply_paper_schedule(c)
     c.data.source, c.data.tfds_name, c.data.split = "tfds", "cifar10", "train"
     c.data.image_size, c.data.channels, c.data.random_flip = 32, 3, True
     c.model = networks.ddpmpp_cifar10()
     c.optim.lr = 1e-3
-    c.optim.warmup_images = 10_000_000
-    c.ema.halflife_images = 500_000
     c.train.batch_size = 512
-    c.train.log_every_steps = 500
-    c.train.checkpoint_every_steps = 5_000
-    c.train.sample_every_steps = 20_000
-    c.train.num_samples = 64
     c.sampler.num_steps = 18
-    c.corrupt.shard_size = 10_000
     if variant == "":
         c.corrupt.clean_count, c.corrupt.sigma = 50, 0.2
     elif variant in ("frac4", "frac10"):
@@ -35,10 +29,5 @@ def get_config(variant: str = ""):
         c.corrupt.sigma = 0.59
     else:
         raise ValueError(f"unknown cifar10_sfbd variant {variant!r}: '', 'frac4', 'frac10'")
-    c.sfbd.pretrain_images = 10_000_000
-    c.sfbd.rounds = 5
-    c.sfbd.images_per_round = 20_000_000
-    c.sfbd.backward_num_steps = 40  # the reference code's 40-level grid
     c.sfbd.denoise_batch_size = 1024
-    c.sfbd.denoise_shard_size = 10_240
     return c
