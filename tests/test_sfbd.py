@@ -44,17 +44,16 @@ def sfbd_config(folder):
     return c
 
 
-def final_params(workdir):
+def read_summary(workdir):
     with open(os.path.join(workdir, "sfbd_summary.json")) as f:
-        summary = json.load(f)
-    return summary
+        return json.load(f)
 
 
 def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, monkeypatch,
                                                       two_devices):
     straight = run(sfbd_config(image_folder), str(tmp_path / "straight"))
     assert int(straight.step) == 4 + 2 * 4
-    summary = final_params(str(tmp_path / "straight"))
+    summary = read_summary(str(tmp_path / "straight"))
     assert [r["round"] for r in summary] == [0, 1, 2]
     assert summary[0]["noisy_psnr"] == pytest.approx(10 * np.log10(4 / 0.04), abs=0.7)
     assert all(np.isfinite(r["denoised_psnr"]) for r in summary[1:])

@@ -10,7 +10,6 @@ must cover rows 0..N−1 exactly once.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
@@ -19,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from sfbd_jax.data import shards
-from sfbd_jax.utils import devices
+from sfbd_jax.utils import devices, jsonfile
 
 PROGRESS = "progress.json"
 SampleFn = Callable[[object, jax.Array, object, jax.Array], jax.Array]
@@ -44,21 +43,6 @@ def check_complete(entries: list[dict], num_rows: int) -> None:
         raise CountCheckError(f"denoised set holds {position} images, the noisy set {num_rows}")
 
 
-def _load_progress(out_dir: str) -> dict:
-    path = os.path.join(out_dir, PROGRESS)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _save_progress(out_dir: str, progress: dict) -> None:
-    tmp = os.path.join(out_dir, PROGRESS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(progress, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, PROGRESS))
-
-
 def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_size: int,
                 shard_size: int, key: jax.Array, settings: dict) -> list[dict]:
     """Denoise every row of ``noisy`` (N, H, W, C; an array or a lazy ShardedArray) with
@@ -72,7 +56,7 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
                          f"size {batch_size}")
     n = len(noisy)
     os.makedirs(out_dir, exist_ok=True)
-    progress = _load_progress(out_dir)
+    progress = jsonfile.read_json(os.path.join(out_dir, PROGRESS), {})
     if progress.get("settings") not in (None, settings):
         raise FileExistsError(f"{out_dir} holds a denoising pass with other settings "
                               f"({progress['settings']}); refusing to mix them")
@@ -112,7 +96,8 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
         entry["start"] = start
         entries.append(entry)
         if jax.process_index() == 0:
-            _save_progress(out_dir, {"settings": settings, "shards": entries})
+            jsonfile.write_json(os.path.join(out_dir, PROGRESS),
+                                {"settings": settings, "shards": entries})
         logging.info("Denoised %d / %d noisy images.", stop, n)
     check_complete(entries, n)
     return entries

@@ -19,7 +19,6 @@ count) does not restart unless ``sfbd.restart_warmup``.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -36,7 +35,7 @@ from sfbd_jax.evaluation import denoising
 from sfbd_jax.methods import backward
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
-from sfbd_jax.utils import checkpoints
+from sfbd_jax.utils import checkpoints, jsonfile
 
 PROGRESS = "sfbd_progress.json"
 SUMMARY = "sfbd_summary.json"
@@ -50,20 +49,10 @@ def phase_steps(config) -> tuple[int, int]:
     return p - p % k, r - r % k
 
 
-def _read_json(path: str, default):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
 def _write_json(path: str, value) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    """Run records are written by process 0 only."""
+    if jax.process_index() == 0:
+        jsonfile.write_json(path, value)
 
 
 def union_dataset(denoised: np.ndarray, noisy: ImageDataset, clean: ImageDataset,
@@ -123,9 +112,10 @@ class SFBDRun:
                                         config.train.async_checkpoints)
         rounds_ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, "rounds"), None,
                                                enable_async=False)
+        self.rounds_ckpt = rounds_ckpt
         progress_path = os.path.join(self.workdir, PROGRESS)
-        progress = _read_json(progress_path, {"done": []})
-        summary = _read_json(os.path.join(self.workdir, SUMMARY), [])
+        progress = jsonfile.read_json(progress_path, {"done": []})
+        summary = jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])
         try:
             state = exp.restore_or_init(ckpt)
             with metric_writers.ensure_flushes(writer):
@@ -174,7 +164,7 @@ class SFBDRun:
         round k−1 (restored from rounds/<k−1> when the run resumes mid-forward)."""
         cfg, sc = self.config.sfbd, self.config.sampler
         if int(state.step) != self.end_step(k - 1):
-            state = self._round_state(k - 1)
+            state = self.rounds_ckpt.restore(k - 1, self.experiment.abstract_state())
         sigmas = sampler_lib.sigmas_from_level(sigma_zeta, cfg.backward_num_steps,
                                                sc.sigma_min, sc.sigma_max, sc.rho)
         sample = sampler_lib.make_sharded_sampler(
@@ -192,11 +182,6 @@ class SFBDRun:
                                        shard_size=cfg.denoise_shard_size, key=key,
                                        settings=settings)
         return shards.read_all(out_dir, entries)
-
-    def _round_state(self, k: int) -> TrainState:
-        restored = checkpoints.Checkpointer(os.path.join(self.workdir, "rounds")).restore(
-            k, self.experiment.abstract_state())
-        return restored
 
     def _finish_round(self, k, state, rounds_ckpt, writer, summary, denoised) -> list:
         """Keep round k's state, write its samples and diagnostics."""
