@@ -53,6 +53,33 @@ def get_config() -> ml_collections.ConfigDict:
     c.sfbd.restart_warmup = False  # restart the lr warm-up every round (the reference bug).
     c.sfbd.eval_every_round = True  # sample grids after every round (else only the last).
 
+    # Distribution metrics of generated images (python -m sfbd_jax.evaluate, and SFBD rounds).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.metrics = "classifier_fd,swd"  # comma-separated: fid, kid, classifier_fd, swd.
+    c.eval.num_samples = 50_000  # generated images per evaluation (EDM / SFBD papers: 50k).
+    c.eval.round_num_samples = 0  # SFBD: metrics after every round with this many; 0 = off.
+    c.eval.batch_size = 256  # global, split over devices (generation and features).
+    c.eval.reference_max = 50_000  # clean reference images (all of config.data if fewer).
+    c.eval.reference_seed = 0  # reference subsample, KID subsets, SWD directions.
+    c.eval.cache_dir = ""  # reference statistics + feature classifier; '' = ~/.cache/sfbd_jax.
+    c.eval.inception_weights = ""  # converted FID Inception .npz (fid/kid); see inception.py.
+    c.eval.kid_subsets = 100
+    c.eval.kid_subset_size = 1000
+    c.eval.kid_reference_max = 10_000  # reference features kept for KID.
+    c.eval.swd_projections = 512
+    # The feature classifier (classifier_fd), trained once on the clean data and cached.
+    c.eval.classifier = ml_collections.ConfigDict()
+    # MNIST-5k, 2-core CPU: 70 s to train once, held-out accuracy 0.934.
+    c.eval.classifier.width = 16
+    c.eval.classifier.feature_dim = 128
+    c.eval.classifier.steps = 2_000
+    c.eval.classifier.batch_size = 64
+    c.eval.classifier.lr = 2e-3
+    c.eval.classifier.weight_decay = 1e-4
+    c.eval.classifier.max_shift = 2  # random ±pixel shifts (augmentation).
+    c.eval.classifier.test_fraction = 0.1  # held out to measure its accuracy.
+    c.eval.classifier.seed = 0
+
     c.model = ml_collections.ConfigDict()
     c.model.base_channels = 32
     c.model.channel_mult = (1, 2, 2)

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 KNOWN_MODES = ("edm", "sfbd")
+KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd")
+
+
+def parse_metrics(spec: str) -> tuple[str, ...]:
+    """config.eval.metrics 'fid,kid' → ('fid', 'kid'); unknown names raise ValueError."""
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    unknown = [n for n in names if n not in KNOWN_METRICS]
+    if unknown:
+        raise ValueError(f"config.eval.metrics has unknown metrics {unknown}; known: "
+                         f"{KNOWN_METRICS}")
+    return names
 
 
 def _positive(config, path: str) -> None:
@@ -21,7 +32,9 @@ def validate_config(config) -> None:
                  "model.emb_mult", "diffusion.sigma_data", "sampler.sigma_max",
                  "sampler.sigma_min", "sampler.rho", "optim.lr", "ema.halflife_images",
                  "train.batch_size", "train.total_images", "train.steps_per_dispatch",
-                 "train.log_every_steps", "train.checkpoint_every_steps", "train.num_samples"):
+                 "train.log_every_steps", "train.checkpoint_every_steps", "train.num_samples",
+                 "eval.num_samples", "eval.batch_size", "eval.swd_projections",
+                 "eval.kid_subsets", "eval.kid_subset_size"):
         _positive(config, path)
     if not config.model.channel_mult:
         raise ValueError("config.model.channel_mult must list at least one level")
@@ -31,6 +44,9 @@ def validate_config(config) -> None:
         raise ValueError(f"config.sampler.num_steps must be >= 2, got {config.sampler.num_steps}")
     if config.sampler.sigma_min >= config.sampler.sigma_max:
         raise ValueError("config.sampler.sigma_min must be below config.sampler.sigma_max")
+    parse_metrics(config.eval.metrics)
+    if config.eval.round_num_samples < 0:
+        raise ValueError("config.eval.round_num_samples must be >= 0 (0 = no per-round metrics)")
     if config.train.total_images < config.train.batch_size:
         raise ValueError("config.train.total_images is smaller than one batch "
                          f"({config.train.total_images} < {config.train.batch_size})")

@@ -1,6 +1,8 @@
 """Entry point: ``python -m sfbd_jax.main --config configs/NAME.py --workdir DIR``.
 
-Override any config key with ``--config.a.b=value``. All logic lives in importable modules.
+Override any config key with ``--config.a.b=value``. ``--mode=eval`` evaluates a checkpoint
+of the run in DIR instead of training (see sfbd_jax/evaluate.py). All logic lives in
+importable modules.
 """
 
 from absl import app, flags
@@ -12,10 +14,14 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", l
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM or "
                   "multi-node GPU: coordinator and process ids come from the environment).")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train: run config.mode (edm / sfbd); eval: metrics of a checkpoint.")
+flags.DEFINE_string("checkpoint", "latest",
+                    "--mode=eval: 'latest', 'step:N' or 'round:K' (an SFBD round).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def main(argv, mode: str | None = None):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
@@ -27,7 +33,10 @@ def main(argv):
         jax.distributed.initialize()
     from sfbd_jax import run
 
-    run.run(FLAGS.config, FLAGS.workdir)
+    if (mode or FLAGS.mode) == "eval":
+        run.run_evaluation(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    else:
+        run.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

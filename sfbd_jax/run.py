@@ -32,12 +32,16 @@ def _quiet_orbax() -> None:
         handler.addFilter(_DropOrbaxInfo())
 
 
-def run(config, workdir: str):
-    """Run the job ``config.mode`` in ``workdir``; returns the final training state."""
+def _setup() -> None:
     _hide_accelerators_from_tensorflow()
     _quiet_orbax()
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
+
+
+def run(config, workdir: str):
+    """Run the job ``config.mode`` in ``workdir``; returns the final training state."""
+    _setup()
     os.makedirs(workdir, exist_ok=True)
     if config.mode == "edm":
         from sfbd_jax.training import loop
@@ -48,3 +52,11 @@ def run(config, workdir: str):
 
         return sfbd.run_sfbd(config, workdir)
     raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: 'edm', 'sfbd'")
+
+
+def run_evaluation(config, workdir: str, checkpoint: str = "latest") -> dict:
+    """Metrics of one checkpoint of the run in ``workdir`` (sfbd_jax/evaluate.py)."""
+    _setup()
+    from sfbd_jax import evaluate
+
+    return evaluate.evaluate(config, workdir, checkpoint)

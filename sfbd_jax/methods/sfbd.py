@@ -32,6 +32,7 @@ from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.diffusion import sampler as sampler_lib
 from sfbd_jax.evaluation import denoising
+from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.methods import backward
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
@@ -84,6 +85,7 @@ class SFBDRun:
             raise ValueError("config.sfbd.pretrain_images and images_per_round must each be at "
                              "least one dispatch of config.train.batch_size images")
         self.data_dir = config.corrupt.output_dir or os.path.join(self.workdir, "data")
+        self._evaluator = None  # built on first use (config.eval.round_num_samples > 0)
 
     def end_step(self, k: int) -> int:
         """Global step at which round k (0 = pretraining) ends."""
@@ -198,6 +200,8 @@ class SFBDRun:
             noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
             quality = denoising.against_originals(self.data_dir, noisy.images.to_numpy())
             row.update(noisy_mse=quality["mse"], noisy_psnr=quality["psnr"])
+        if self.config.eval.round_num_samples > 0:
+            row.update(self._metrics(state))
         if self.config.sfbd.eval_every_round or k == self.config.sfbd.rounds:
             row["samples"] = self.experiment.write_samples(state, self.workdir, writer,
                                                            f"round{k}")
@@ -207,15 +211,29 @@ class SFBDRun:
         _write_json(os.path.join(self.workdir, SUMMARY), summary)
         return summary
 
+    def _metrics(self, state: TrainState) -> dict:
+        """config.eval.metrics of round samples (the same key every round)."""
+        if self._evaluator is None:
+            self._evaluator = evaluator_lib.Evaluator(self.config, self.experiment.mesh)
+        result = self._evaluator.evaluate_model(self.experiment, state.ema_params,
+                                                self.config.eval.round_num_samples,
+                                                evaluator_lib.evaluation_key(self.config))
+        return {k: v for k, v in result.items() if k != "generate_seconds"}
+
     @staticmethod
     def _log_table(summary: list) -> None:
-        lines = ["round  step     train_loss  denoised_PSNR  denoised_MSE"]
+        metric_names = [m for m in ("classifier_fd", "swd", "fid", "kid")
+                        if any(m in r for r in summary)]
+        lines = ["round  step     train_loss  denoised_PSNR  denoised_MSE"
+                 + "".join(f"  {m:>13}" for m in metric_names)]
         for r in sorted(summary, key=lambda r: r["round"]):
             psnr = r.get("denoised_psnr", r.get("noisy_psnr", float("nan")))
             mse = r.get("denoised_mse", r.get("noisy_mse", float("nan")))
             note = "  (noisy set)" if "noisy_psnr" in r else ""
             lines.append(f"{r['round']:>5}  {r['step']:>7}  {r['train_loss']:>10.3f}  "
-                         f"{psnr:>13.2f}  {mse:>12.5f}{note}")
+                         f"{psnr:>13.2f}  {mse:>12.5f}"
+                         + "".join(f"  {r.get(m, float('nan')):>13.4g}" for m in metric_names)
+                         + note)
         logging.info("SFBD summary:\n%s", "\n".join(lines))
 
 

@@ -16,7 +16,9 @@ def read_json(path: str, default: Any) -> Any:
 
 
 def write_json(path: str, value: Any) -> None:
-    """Write ``value`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``value`` to ``path`` (parent folders created) through a temporary file and an
+    atomic rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)

@@ -1,0 +1,82 @@
+"""Evaluate a checkpoint: ``python -m sfbd_jax.evaluate --config C --workdir DIR``
+(the same as ``python -m sfbd_jax.main --mode=eval``).
+
+``--checkpoint``: ``latest`` (the newest state under DIR/checkpoints), ``step:N`` (that step) or
+``round:K`` (an SFBD run's state after round K, kept under DIR/rounds). The EMA parameters
+generate ``config.eval.num_samples`` images (batch-sharded over all devices, progress logged);
+the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+from clu import metric_writers
+
+from sfbd_jax.evaluation import evaluator as evaluator_lib
+from sfbd_jax.training import loop
+from sfbd_jax.utils import checkpoints
+
+
+def _resolve(workdir: str, checkpoint: str) -> tuple[str, int, str]:
+    """(checkpoint directory, step, tag) for a --checkpoint spec."""
+    kind, _, value = checkpoint.partition(":")
+    if kind == "latest" and not value:
+        return os.path.join(workdir, "checkpoints"), -1, "latest"
+    if kind in ("step", "round") and value.isdigit():
+        folder = "checkpoints" if kind == "step" else "rounds"
+        return os.path.join(workdir, folder), int(value), f"{kind}{int(value)}"
+    raise ValueError(f"--checkpoint={checkpoint!r} is not 'latest', 'step:N' or 'round:K'")
+
+
+def load_params(experiment: loop.Experiment, workdir: str, checkpoint: str = "latest"):
+    """(EMA parameters, step, tag) of the checkpoint named by ``checkpoint`` in ``workdir``."""
+    directory, step, tag = _resolve(os.path.abspath(workdir), checkpoint)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints to evaluate: {directory} does not exist "
+                                "(check --workdir, or train first)")
+    ckpt = checkpoints.Checkpointer(directory, None, enable_async=False)
+    try:
+        steps = ckpt.all_steps()
+        if step < 0:
+            if not steps:
+                raise FileNotFoundError(f"{directory} holds no checkpoint")
+            step = max(steps)
+            tag = f"step{step}"
+        elif step not in steps:
+            raise FileNotFoundError(f"checkpoint {step} is not in {directory} (have {steps})")
+        state = ckpt.restore(step, experiment.abstract_state())
+    finally:
+        ckpt.close()
+    return state.ema_params, int(state.step), tag
+
+
+def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
+    """Evaluate one checkpoint of the run in ``workdir``; returns (and records) the metrics."""
+    workdir = os.path.abspath(workdir)
+    experiment = loop.Experiment(config)
+    params, step, tag = load_params(experiment, workdir, checkpoint)
+    evaluator = evaluator_lib.Evaluator(config, experiment.mesh)
+    logging.info("Evaluating %s (training step %d) with %d samples: %s.", tag, step,
+                 config.eval.num_samples, ", ".join(evaluator.metrics))
+    result = evaluator.evaluate_model(experiment, params, config.eval.num_samples,
+                                      evaluator_lib.evaluation_key(config))
+    result.update(checkpoint=tag, step=step)
+    path = evaluator_lib.write_result(workdir, tag, result)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()
+                                if isinstance(v, float)})
+    writer.flush()
+    logging.info("Evaluation of %s: %s (written to %s)", tag,
+                 {k: v for k, v in result.items() if isinstance(v, float)}, path)
+    return result
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from sfbd_jax import main
+
+    app.run(lambda argv: main.main(argv, mode="eval"))
