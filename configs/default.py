@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 28  # images are centre-cropped (below) then resized to this.
     c.data.center_crop = 0  # crop to this square first; 0 = none (CelebA-64: 140).
     c.data.channels = 1
+    c.data.subset = 0  # mnist5k/folder: a seeded random subset of this many images; 0 = all.
+    c.data.subset_seed = 0
     c.data.random_flip = False  # horizontal flips at batch time (seeded per step).
 
     # The once-corrupted data set (python -m sfbd_jax.data.prepare --config ...).

@@ -46,8 +46,11 @@ def settings_record(config) -> dict:
                          f"{sorted(PARAMS_BY_TYPE)}")
     if c.dtype not in ("float32", "float16"):
         raise ValueError(f"config.corrupt.dtype must be 'float32' or 'float16', got {c.dtype!r}")
+    source = {k: config.data[k] for k in SOURCE_KEYS}
+    if config.data.subset:  # recorded only when used: older manifests stay valid
+        source.update(subset=int(config.data.subset), subset_seed=int(config.data.subset_seed))
     return {
-        "source": {k: config.data[k] for k in SOURCE_KEYS},
+        "source": source,
         "split_seed": int(c.split_seed),
         "noise_seed": int(c.noise_seed),
         "clean_count": int(c.clean_count),

@@ -166,21 +166,30 @@ def iter_source(data_config, chunk_size: int = 1024
     Only one chunk of full-size images is held at a time (CelebA's 218×178 originals).
     """
     source = data_config.source
-    if source == "mnist5k":
-        data = load_mnist5k()
-        pixels = np.rint((data.images + 1.0) * 127.5).astype(np.uint8)
-        name, num_classes = data.name, data.num_classes
-        raw = _slices(pixels, data.labels, chunk_size)
-    elif source == "tfds":
+    if data_config.subset and source == "tfds":
+        raise ValueError("config.data.subset applies to the in-memory sources (mnist5k, "
+                         "folder); for tfds slice the split, e.g. --config.data.split="
+                         "'train[:10%]'")
+    if source == "tfds":
         num_classes, raw = iter_tfds(data_config.tfds_name, data_config.split,
                                      data_config.data_dir or None, chunk_size)
         name = f"{data_config.tfds_name}:{data_config.split}"
-    elif source == "folder":
-        pixels, labels, num_classes = load_folder(data_config.folder, data_config.channels)
-        name = data_config.folder
-        raw = _slices(pixels, labels, chunk_size)
     else:
-        raise ValueError(f"unknown data.source {source!r}; known: 'mnist5k', 'tfds', 'folder'")
+        if source == "mnist5k":
+            data = load_mnist5k()
+            pixels = np.rint((data.images + 1.0) * 127.5).astype(np.uint8)
+            labels, name, num_classes = data.labels, data.name, data.num_classes
+        elif source == "folder":
+            pixels, labels, num_classes = load_folder(data_config.folder, data_config.channels)
+            name = data_config.folder
+        else:
+            raise ValueError(f"unknown data.source {source!r}; known: 'mnist5k', 'tfds', "
+                             "'folder'")
+        if data_config.subset:
+            pixels, labels = _random_subset(pixels, labels, data_config.subset,
+                                            data_config.subset_seed, name)
+            name = f"{name}[subset {data_config.subset}, seed {data_config.subset_seed}]"
+        raw = _slices(pixels, labels, chunk_size)
 
     def chunks():
         for pixels, labels in raw:
@@ -191,6 +200,15 @@ def iter_source(data_config, chunk_size: int = 1024
             yield uint8_to_unit_range(pixels), labels
 
     return name, num_classes, chunks()
+
+
+def _random_subset(pixels, labels, size: int, seed: int, name: str):
+    """A seeded random subset of ``size`` rows, kept in the original order."""
+    if not 0 < size <= len(pixels):
+        raise ValueError(f"config.data.subset={size} must lie in 1..{len(pixels)} (the size "
+                         f"of {name!r})")
+    keep = np.sort(np.random.default_rng(seed).choice(len(pixels), size, replace=False))
+    return pixels[keep], None if labels is None else labels[keep]
 
 
 def _slices(pixels, labels, chunk_size):

@@ -207,13 +207,16 @@ def num_steps(config) -> int:
     return steps - steps % cfg.steps_per_dispatch
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Plain EDM training (config.mode == 'edm'): train on the clean data set, checkpoint,
-    resume from the latest checkpoint in ``workdir``, and write sample grids."""
+def train_and_evaluate(config, workdir: str,
+                       dataset: sources.ImageDataset | None = None) -> TrainState:
+    """Plain EDM training (config.mode == 'edm'): train on the clean data set of config.data
+    (or on ``dataset``, e.g. a corrupted set for a baseline), checkpoint, resume from the
+    latest checkpoint in ``workdir``, and write sample grids."""
     workdir = os.path.abspath(workdir)
     experiment = Experiment(config)
     write_run_config(config, workdir)
-    dataset = sources.load_source(config.data)
+    if dataset is None:
+        dataset = sources.load_source(config.data)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             config.train.max_checkpoints,

@@ -1,0 +1,323 @@
+"""Reproduce the SFBD table at CPU scale on the embedded MNIST-5k digits.
+
+    python benchmarks/reproduce_mnist.py --out runs/reproduce_mnist
+    python benchmarks/reproduce_mnist.py --out /tmp/smoke --smoke     # tiny, for the tests
+
+Rows (configs/reproduce_mnist.py; the same network and number of training images for each):
+  oracle       EDM on all 5,000 clean digits
+  clean_only   EDM on the 50 clean digits only (SFBD's pretraining run for the whole budget)
+  noisy        EDM on the corrupted set as given (4,950 noisy, clipped to [-1, 1], + 50 clean)
+  sfbd         SFBD: pretrain on the 50, then K backward/forward rounds; one row per round
+Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of generated
+samples against the 5,000 clean originals, PSNR of D^(k) against the originals.
+
+``--plan`` lists seed:variant pairs (default: seed 0 for σ_ζ = 0.2 and 0.59, seed 1 for 0.2).
+Every run resumes where it stopped; re-running the command only redoes what is missing.
+Writes OUT/results.json, OUT/table.md and the figures OUT/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from sfbd_jax.utils import devices  # noqa: E402
+
+ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd")
+
+
+def row_config(variant: str, seed: int, row: str, out: str):
+    """The config of one row: configs/reproduce_mnist.py with the row's mode and data."""
+    from configs import reproduce_mnist
+
+    c = reproduce_mnist.get_config(variant)
+    budget = c.sfbd.pretrain_images + c.sfbd.rounds * c.sfbd.images_per_round
+    c.seed = seed
+    c.corrupt.split_seed, c.corrupt.noise_seed = seed, 1000 + seed
+    c.corrupt.output_dir = os.path.join(out, f"seed{seed}", variant, "data")
+    c.eval.cache_dir = os.path.join(out, "cache")
+    c.train.total_images = budget
+    if row == "oracle":
+        c.mode = "edm"
+    elif row == "clean_only":
+        c.mode, c.sfbd.rounds, c.sfbd.pretrain_images = "sfbd", 0, budget
+        c.corrupt.output_dir = os.path.join(out, f"seed{seed}", "clean_only", "data")
+    elif row == "noisy":
+        c.mode = "edm"
+    elif row != "sfbd":
+        raise ValueError(f"unknown row {row!r}")
+    return c
+
+
+def row_workdir(out: str, seed: int, variant: str, row: str) -> str:
+    shared = row in ("oracle", "clean_only")  # independent of σ_ζ
+    return os.path.join(out, f"seed{seed}", row if shared else os.path.join(variant, row))
+
+
+def noisy_training_set(config):
+    """The corrupted data set as a user would have it: noisy images clipped to [-1, 1] plus the
+    clean subset."""
+    from sfbd_jax.data import prepare
+    from sfbd_jax.data.prepared import PreparedDataset
+    from sfbd_jax.data.sources import ImageDataset
+
+    prepare.prepare(config)
+    data = PreparedDataset(config.corrupt.output_dir)
+    noisy, _ = data.noisy()
+    clean = data.clean()
+    images = np.concatenate([np.clip(noisy.images, -1.0, 1.0), clean.images])
+    return ImageDataset(images.astype(np.float32), None, 0, "noisy+clean")
+
+
+def run_row(variant: str, seed: int, row: str, out: str) -> list[dict]:
+    """Train (or resume) one row and return its result rows (one per SFBD round)."""
+    from sfbd_jax import evaluate, run
+    from sfbd_jax.methods import sfbd
+    from sfbd_jax.training import loop
+    from sfbd_jax.utils import jsonfile
+
+    config = row_config(variant, seed, row, out)
+    workdir = row_workdir(out, seed, variant, row)
+    done_path = os.path.join(workdir, "reproduce_row.json")
+    if os.path.exists(done_path):
+        return jsonfile.read_json(done_path, [])
+    start = time.time()
+    if row in ("oracle", "noisy"):
+        dataset = noisy_training_set(config) if row == "noisy" else None
+        run._setup()
+        loop.train_and_evaluate(config, workdir, dataset)
+        result = evaluate.evaluate(config, workdir, "latest")
+        rows = [{"classifier_fd": result["classifier_fd"], "swd": result["swd"],
+                 "round": None}]
+    else:
+        run.run(config, workdir)
+        summary = jsonfile.read_json(os.path.join(workdir, sfbd.SUMMARY), [])
+        # Round 0's PSNR is that of the noisy set itself (the starting point of D^(k)).
+        rows = [{"classifier_fd": r["classifier_fd"], "swd": r["swd"], "round": r["round"],
+                 "psnr": None if row == "clean_only"
+                 else r.get("denoised_psnr", r.get("noisy_psnr"))}
+                for r in sorted(summary, key=lambda r: r["round"])]
+    seconds = time.time() - start
+    for r in rows:
+        r.update(row=row, seed=seed, sigma=None if row in ("oracle", "clean_only")
+                 else config.corrupt.sigma, variant=variant, seconds=seconds,
+                 train_images=config.train.total_images, workdir=workdir)
+    jsonfile.write_json(done_path, rows)
+    return rows
+
+
+def collect(plan: list[tuple[int, str]], out: str) -> list[dict]:
+    results, seen = [], set()
+    for seed, variant in plan:
+        for row in ROW_ORDER:
+            key = (seed, row) if row in ("oracle", "clean_only") else (seed, variant, row)
+            if key in seen:
+                continue
+            seen.add(key)
+            print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
+            results.extend(run_row(variant, seed, row, out))
+    return results
+
+
+# ----- report ---------------------------------------------------------------------------
+def _fmt(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} (n={len(values)})"
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one line per (σ_ζ, row, round), mean ± std over seeds."""
+    sigmas = sorted({r["sigma"] for r in results if r["sigma"] is not None})
+    lines = ["| σ_ζ | row | classifier FD ↓ | sliced W₁ ↓ | PSNR of D^(k) (dB) ↑ | seeds |",
+             "|---|---|---|---|---|---|"]
+
+    def add(sigma_label, label, group):
+        psnr = [g["psnr"] for g in group if g.get("psnr") is not None]
+        lines.append(f"| {sigma_label} | {label} | {_fmt([g['classifier_fd'] for g in group], 2)}"
+                     f" | {_fmt([g['swd'] for g in group], 4)} | {_fmt(psnr, 2)} | "
+                     f"{','.join(str(g['seed']) for g in group)} |")
+
+    for name, label in (("oracle", "(1) EDM on all clean (oracle)"),
+                        ("clean_only", "(2) EDM on the 50 clean only")):
+        add("–", label, [r for r in results if r["row"] == name])
+    for sigma in sigmas:
+        add(sigma, "(3) EDM on the noisy set",
+            [r for r in results if r["row"] == "noisy" and r["sigma"] == sigma])
+        sf = [r for r in results if r["row"] == "sfbd" and r["sigma"] == sigma]
+        for k in sorted({r["round"] for r in sf}):
+            label = ("(4) SFBD round 0 = pretrained; PSNR of the noisy set" if k == 0
+                     else f"(4) SFBD round {k}")
+            add(sigma, label, [r for r in sf if r["round"] == k])
+    return "\n".join(lines)
+
+
+def plot_metrics(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = sorted({r["sigma"] for r in results if r["sigma"] is not None})
+    metrics = (("classifier_fd", "classifier-feature FD"), ("swd", "sliced W₁ (pixels)"),
+               ("psnr", "PSNR of D^(k) vs clean (dB)"))
+    fig, axes = plt.subplots(len(sigmas), 3, figsize=(13, 3.6 * len(sigmas)), squeeze=False)
+    for i, sigma in enumerate(sigmas):
+        for j, (key, title) in enumerate(metrics):
+            ax = axes[i, j]
+            sf = [r for r in results if r["row"] == "sfbd" and r["sigma"] == sigma]
+            for seed in sorted({r["seed"] for r in sf}):
+                pts = sorted((r["round"], r.get(key)) for r in sf if r["seed"] == seed
+                             and r.get(key) is not None)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), "o-", label=f"SFBD seed {seed}")
+            if key != "psnr":
+                for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-.")):
+                    vals = [r[key] for r in results if r["row"] == row
+                            and (row != "noisy" or r["sigma"] == sigma)]
+                    if vals:
+                        ax.axhline(np.mean(vals), color=style[0], linestyle=style[1:],
+                                   label={"oracle": "oracle (all clean)",
+                                          "clean_only": "50 clean only",
+                                          "noisy": "EDM on noisy"}[row])
+            ax.set_title(f"σ_ζ = {sigma}: {title}")
+            ax.set_xlabel("SFBD round k (0 = pretrained on the 50 clean)")
+            ax.grid(alpha=0.3)
+            if key == "classifier_fd":
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_samples(results: list[dict], path: str) -> None:
+    """Sample grids of every row (first seed): oracle, clean-only, noisy, SFBD per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    seed = min(r["seed"] for r in results)
+    panels = []
+    for r in results:
+        if r["seed"] != seed:
+            continue
+        if r["row"] in ("oracle", "noisy"):
+            png = os.path.join(r["workdir"], "samples", "final.png")
+            label = "oracle" if r["row"] == "oracle" else f"EDM on noisy σ={r['sigma']}"
+        else:
+            png = os.path.join(r["workdir"], "samples", f"round{r['round']}.png")
+            label = ("50 clean only" if r["row"] == "clean_only"
+                     else f"SFBD σ={r['sigma']} round {r['round']}")
+        if os.path.exists(png) and label not in [p[0] for p in panels]:
+            panels.append((label, np.asarray(Image.open(png))))
+    cols = 4
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, img) in zip(axes.flat, panels, strict=False):
+        ax.imshow(img, cmap="gray")
+        ax.set_title(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_triptych(results: list[dict], sigma: float, path: str, count: int = 8) -> None:
+    """clean original | noisy | D^(1) … D^(K) for the first ``count`` noisy images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sfbd_jax.data import eval_only
+    from sfbd_jax.data.prepared import PreparedDataset
+
+    sf = [r for r in results if r["row"] == "sfbd" and r["sigma"] == sigma]
+    seed = min(r["seed"] for r in sf)
+    workdir = next(r["workdir"] for r in sf if r["seed"] == seed)
+    data_dir = os.path.join(os.path.dirname(workdir), "data")
+    columns = [("clean", eval_only.load_clean_originals(data_dir)[:count]),
+               ("noisy", PreparedDataset(data_dir).noisy()[0].images[:count])]
+    for k in sorted({r["round"] for r in sf if r["round"]}):
+        columns.append((f"D^({k})", _read_denoised(os.path.join(workdir, "denoised",
+                                                                f"round_{k}"))[:count]))
+    fig, axes = plt.subplots(count, len(columns), figsize=(1.3 * len(columns), 1.3 * count),
+                             squeeze=False)
+    for j, (label, imgs) in enumerate(columns):
+        for i in range(count):
+            ax = axes[i, j]
+            ax.imshow(np.clip(imgs[i, ..., 0], -1, 1), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=9)
+    fig.suptitle(f"σ_ζ = {sigma}, seed {seed}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _read_denoised(folder: str) -> np.ndarray:
+    """D^(k) in the order of the noisy set, from its checksummed shards."""
+    from sfbd_jax.data import shards
+    from sfbd_jax.methods import backward
+    from sfbd_jax.utils import jsonfile
+
+    progress = jsonfile.read_json(os.path.join(folder, backward.PROGRESS), None)
+    return shards.read_all(folder, sorted(progress["shards"], key=lambda e: e["start"]))
+
+
+def report(results: list[dict], out: str) -> str:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    text = table(results)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    plot_metrics(results, os.path.join(out, "mnist_metrics_vs_round.png"))
+    plot_samples(results, os.path.join(out, "mnist_samples.png"))
+    for sigma in sorted({r["sigma"] for r in results if r["row"] == "sfbd"}):
+        plot_triptych(results, sigma, os.path.join(out, f"mnist_triptych_sigma{sigma}.png"))
+    return text
+
+
+def parse_plan(spec: str) -> list[tuple[int, str]]:
+    plan = []
+    for item in spec.split(","):
+        seed, _, variant = item.partition(":")
+        plan.append((int(seed), variant))
+    return plan
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (runs, results, figures)")
+    parser.add_argument("--plan", default="0:sigma0.2,0:sigma0.59,1:sigma0.2",
+                        help="seed:variant pairs of configs/reproduce_mnist.py")
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets (the test suite)")
+    args = parser.parse_args(argv)
+    plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
+    devices.configure_cpu_devices(0)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    text = report(collect(plan, out), out)
+    print(text)
+    print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The CPU-scale reproduction of the SFBD table on MNIST-5k (benchmarks/reproduce_mnist.py).
+
+50 clean digits, the other 4,950 corrupted once with σ_ζ (variant ``sigma0.2`` or
+``sigma0.59``). Every row of the table trains the same 1.26 M-parameter U-Net on the same
+number of images: pretrain_images + rounds × images_per_round. Metrics: classifier-feature
+Fréchet distance and sliced Wasserstein distance of 500 samples (10-level Heun grid) against
+the 5,000 clean originals, and the PSNR of each D^(k) against the originals.
+Variant ``smoke``: a tiny network and budgets, for the test suite.
+"""
+
+from configs import default
+
+
+def get_config(variant: str = "sigma0.2"):
+    c = default.get_config()
+    c.mode = "sfbd"
+    c.corrupt.clean_count = 50
+    c.sfbd.pretrain_images = 3_200
+    c.sfbd.rounds = 4
+    c.sfbd.images_per_round = 2_560
+    c.sfbd.backward_num_steps = 10
+    c.sfbd.eval_every_round = True
+    c.sampler.num_steps = 10  # 19 evaluations per sample (metrics and sample grids)
+    c.optim.warmup_images = 3_200
+    c.ema.halflife_images = 10_000
+    c.train.checkpoint_every_steps = 100
+    c.train.sample_every_steps = 0
+    c.eval.metrics = "classifier_fd,swd"
+    c.eval.num_samples = 500
+    c.eval.round_num_samples = 500
+    if variant == "sigma0.2":
+        c.corrupt.sigma = 0.2
+    elif variant == "sigma0.59":
+        c.corrupt.sigma = 0.59
+        c.sfbd.backward_num_steps = 12  # 5 levels below σ_ζ = 0.59: 9 evaluations per image
+    elif variant == "smoke":
+        c.corrupt.sigma = 0.2
+        c.data.subset = 400  # 50 clean + 350 noisy
+        c.corrupt.clean_count = 50
+        c.model.base_channels, c.model.channel_mult = 8, (1, 2)
+        c.model.attn_resolutions, c.model.channels_per_head = (14,), 8
+        c.train.batch_size = 32
+        c.sfbd.pretrain_images = c.sfbd.images_per_round = 64
+        c.sfbd.rounds = 2
+        c.sfbd.backward_num_steps = 4
+        c.sfbd.denoise_shard_size = 512
+        c.sfbd.denoise_batch_size = 512
+        c.sampler.num_steps = 4
+        c.train.num_samples = 8
+        c.eval.num_samples = c.eval.round_num_samples = 32
+        c.eval.batch_size = 32
+        c.eval.swd_projections = 64
+        c.eval.classifier.steps, c.eval.classifier.width = 50, 8
+        c.eval.classifier.batch_size, c.eval.classifier.lr = 32, 1e-2
+    else:
+        raise ValueError(f"unknown reproduce_mnist variant {variant!r}: 'sigma0.2', "
+                         "'sigma0.59', 'smoke'")
+    return c
