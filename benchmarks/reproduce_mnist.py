@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
 
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
+    logging.set_verbosity(logging.INFO)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     start = time.time()

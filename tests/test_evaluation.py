@@ -219,39 +219,3 @@ def test_classifier_is_trained_once_then_loaded_from_cache(tmp_path):
     unlabelled = sources.ImageDataset(subset.images, None, 0, "nolabels")
     with pytest.raises(ValueError, match="needs a labelled data set"):
         classifier.train(cfg, unlabelled)
-
-
-# ----- evaluating a checkpoint -----------------------------------------------------------
-def test_evaluate_cli_on_an_edm_checkpoint(tmp_path):
-    from sfbd_jax import main as main_lib  # noqa: F401  (defines the flags)
-    from sfbd_jax.run import run, run_evaluation
-
-    c = tiny_config(image_size=28)
-    c.model.attn_resolutions = (14,)
-    c.train.total_images = 32
-    c.eval.metrics = "classifier_fd,swd"
-    c.eval.num_samples = 20  # not a multiple of the batch: the last batch is cut
-    c.eval.batch_size = 8
-    c.eval.reference_max = 600
-    c.eval.cache_dir = str(tmp_path / "cache")
-    c.eval.classifier = _classifier_config()
-    workdir = str(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="no checkpoints to evaluate"):
-        run_evaluation(c, workdir)
-    run(c, workdir)
-    result = run_evaluation(c, workdir, "latest")
-    assert result["num_samples"] == 20 and result["reference_count"] == 600
-    assert result["checkpoint"] == "step4" and result["step"] == 4
-    assert np.isfinite(result["classifier_fd"]) and result["swd"] > 0
-    assert os.path.exists(os.path.join(workdir, "eval", "step4.json"))
-    again = run_evaluation(c, workdir, "step:4")  # the same key: the same samples
-    assert again["classifier_fd"] == result["classifier_fd"]
-    with pytest.raises(FileNotFoundError, match="checkpoint 3 is not in"):
-        run_evaluation(c, workdir, "step:3")
-    with pytest.raises(FileNotFoundError, match="no checkpoints to evaluate.*rounds"):
-        run_evaluation(c, workdir, "round:3")
-    with pytest.raises(ValueError, match="not 'latest'"):
-        run_evaluation(c, workdir, "best")
-    c.eval.metrics = "fid,precision"
-    with pytest.raises(ValueError, match=r"unknown metrics \['precision'\]"):
-        run_evaluation(c, workdir)

@@ -85,7 +85,10 @@ class SFBDRun:
             raise ValueError("config.sfbd.pretrain_images and images_per_round must each be at "
                              "least one dispatch of config.train.batch_size images")
         self.data_dir = config.corrupt.output_dir or os.path.join(self.workdir, "data")
-        self._evaluator = None  # built on first use (config.eval.round_num_samples > 0)
+        # Per-round metrics: built now, so a missing weight file or unlabelled data for the
+        # feature classifier stops the run before any training.
+        self._evaluator = (evaluator_lib.Evaluator(config, self.experiment.mesh)
+                           if config.eval.round_num_samples > 0 else None)
 
     def end_step(self, k: int) -> int:
         """Global step at which round k (0 = pretraining) ends."""
@@ -213,8 +216,6 @@ class SFBDRun:
 
     def _metrics(self, state: TrainState) -> dict:
         """config.eval.metrics of round samples (the same key every round)."""
-        if self._evaluator is None:
-            self._evaluator = evaluator_lib.Evaluator(self.config, self.experiment.mesh)
         result = self._evaluator.evaluate_model(self.experiment, state.ema_params,
                                                 self.config.eval.round_num_samples,
                                                 evaluator_lib.evaluation_key(self.config))

@@ -1,0 +1,103 @@
+"""The reproduction scripts end to end in smoke mode, and evaluating their checkpoints from
+the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import gmm_convergence  # noqa: E402
+import reproduce_mnist  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reproduce"))
+    text = reproduce_mnist.main(["--out", out, "--smoke"])
+    return out, text
+
+
+def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
+    out, text = smoke_run
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    rows = {(r["row"], r["round"]) for r in results}
+    assert rows == {("oracle", None), ("clean_only", 0), ("noisy", None), ("sfbd", 0),
+                    ("sfbd", 1), ("sfbd", 2)}
+    budgets = {r["train_images"] for r in results}
+    assert len(budgets) == 1  # the same training budget for every row
+    for r in results:
+        assert np.isfinite(r["classifier_fd"]) and r["swd"] > 0
+    sfbd_psnr = [r["psnr"] for r in results if r["row"] == "sfbd"]
+    assert all(np.isfinite(sfbd_psnr))
+    for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
+                  "(3) EDM on the noisy set", "(4) SFBD round 2"):
+        assert label in text
+    for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
+                 "mnist_triptych_sigma0.2.png"):
+        with Image.open(os.path.join(out, name)) as img:
+            assert img.size[0] > 200 and img.size[1] > 200
+    # Re-running finds every row done: nothing is trained again, the table is the same.
+    assert reproduce_mnist.main(["--out", out, "--smoke"]) == text
+
+
+def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
+    """``python -m sfbd_jax.evaluate`` on the oracle run: the same samples (fixed key) give the
+    metric the reproduction recorded; bad --checkpoint values give clear errors."""
+    from sfbd_jax.run import run_evaluation
+
+    out, _ = smoke_run
+    config = reproduce_mnist.row_config("smoke", 0, "oracle", out)
+    workdir = reproduce_mnist.row_workdir(out, 0, "smoke", "oracle")
+    with open(os.path.join(workdir, "reproduce_row.json")) as f:
+        recorded = json.load(f)[0]
+    step = int(sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int)[-1])
+    proc = subprocess.run(  # the row's config: the smoke variant as row_config changes it
+        [sys.executable, "-m", "sfbd_jax.evaluate",
+         f"--config={ROOT}/configs/reproduce_mnist.py:smoke", f"--workdir={workdir}",
+         f"--checkpoint=step:{step}", "--config.num_cpu_devices=2", "--config.mode=edm",
+         f"--config.eval.cache_dir={out}/cache"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", f"step{step}.json")) as f:
+        result = json.load(f)
+    assert result["classifier_fd"] == pytest.approx(recorded["classifier_fd"], rel=1e-6)
+    assert result["num_samples"] == config.eval.num_samples and result["step"] == step
+
+    with pytest.raises(FileNotFoundError, match="checkpoint 3 is not in"):
+        run_evaluation(config, workdir, "step:3")
+    with pytest.raises(FileNotFoundError, match="no checkpoints to evaluate.*rounds"):
+        run_evaluation(config, workdir, "round:3")
+    with pytest.raises(FileNotFoundError, match="no checkpoints to evaluate"):
+        run_evaluation(config, os.path.join(out, "nothing-here"))
+    with pytest.raises(ValueError, match="not 'latest'"):
+        run_evaluation(config, workdir, "best")
+    config.eval.metrics = "fid,precision"
+    with pytest.raises(ValueError, match=r"unknown metrics \['precision'\]"):
+        run_evaluation(config, workdir)
+
+
+def test_gmm_convergence_smoke(tmp_path):
+    result = gmm_convergence.main(["--variant", "smoke", "--out", str(tmp_path)])
+    rounds = [r for r in result["rows"] if "round" in r]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert all(np.isfinite(r["swd"]) and np.isfinite(r["mean_log_density"]) for r in rounds)
+    assert np.isfinite(rounds[1]["denoised_mse"])
+    for name in ("gmm_smoke.json", "gmm_smoke_distances.png", "gmm_smoke_scatter.png"):
+        assert os.path.exists(tmp_path / name)
+
+
+def test_gmm_log_density_is_exact():
+    """The mixture log-density against a direct sum for a 2-component 3-D mixture."""
+    means, std = np.array([[0.0, 0, 0], [1.0, 0, 0]]), 0.5
+    x = np.array([[0.2, -0.1, 0.3]])
+    gauss = lambda m: np.exp(-np.sum((x - m) ** 2) / (2 * std**2)) / (2 * np.pi * std**2) ** 1.5
+    direct = np.log(0.5 * gauss(means[0]) + 0.5 * gauss(means[1]))
+    assert gmm_convergence.log_density(x, means, std)[0] == pytest.approx(direct, rel=1e-12)
