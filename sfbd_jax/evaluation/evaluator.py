@@ -166,11 +166,15 @@ class Evaluator:
 
 
 def _summarise(feats: np.ndarray, keep: int) -> dict:
+    """Mean, covariance and (for KID) at most ``keep`` of the features, drawn at random (data
+    sets can be sorted by class)."""
     stats = distances.FeatureStats(feats.shape[1])
     stats.update(feats)
     mu, cov = stats.mean_cov()
-    return {"mu": mu, "cov": cov, "features": feats[:keep].astype(np.float32),
-            "count": np.asarray(len(feats))}
+    if len(feats) > keep:
+        feats = feats[np.sort(np.random.default_rng(0).choice(len(feats), keep, replace=False))]
+    return {"mu": mu, "cov": cov, "features": feats.astype(np.float32),
+            "count": np.asarray(stats.count)}
 
 
 def write_result(workdir: str, tag: str, result: dict) -> str:
