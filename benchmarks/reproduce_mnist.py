@@ -34,11 +34,16 @@ from sfbd_jax.utils import devices  # noqa: E402
 ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd")
 
 
-def row_config(variant: str, seed: int, row: str, out: str):
-    """The config of one row: configs/reproduce_mnist.py with the row's mode and data."""
+def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float = 1.0):
+    """The config of one row: configs/reproduce_mnist.py with the row's mode and data;
+    ``budget_scale`` multiplies every training length (e.g. 10 on a GPU)."""
     from configs import reproduce_mnist
 
     c = reproduce_mnist.get_config(variant)
+    if budget_scale != 1.0:
+        scale = lambda n: int(round(n * budget_scale / c.train.batch_size)) * c.train.batch_size  # noqa: E731
+        c.sfbd.pretrain_images = scale(c.sfbd.pretrain_images)
+        c.sfbd.images_per_round = scale(c.sfbd.images_per_round)
     budget = c.sfbd.pretrain_images + c.sfbd.rounds * c.sfbd.images_per_round
     c.seed = seed
     c.corrupt.split_seed, c.corrupt.noise_seed = seed, 1000 + seed
@@ -77,14 +82,14 @@ def noisy_training_set(config):
     return ImageDataset(images.astype(np.float32), None, 0, "noisy+clean")
 
 
-def run_row(variant: str, seed: int, row: str, out: str) -> list[dict]:
+def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float) -> list[dict]:
     """Train (or resume) one row and return its result rows (one per SFBD round)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import sfbd
     from sfbd_jax.training import loop
     from sfbd_jax.utils import jsonfile
 
-    config = row_config(variant, seed, row, out)
+    config = row_config(variant, seed, row, out, budget_scale)
     workdir = row_workdir(out, seed, variant, row)
     done_path = os.path.join(workdir, "reproduce_row.json")
     if os.path.exists(done_path):
@@ -114,7 +119,7 @@ def run_row(variant: str, seed: int, row: str, out: str) -> list[dict]:
     return rows
 
 
-def collect(plan: list[tuple[int, str]], out: str) -> list[dict]:
+def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0) -> list[dict]:
     results, seen = [], set()
     for seed, variant in plan:
         for row in ROW_ORDER:
@@ -123,7 +128,7 @@ def collect(plan: list[tuple[int, str]], out: str) -> list[dict]:
                 continue
             seen.add(key)
             print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
-            results.extend(run_row(variant, seed, row, out))
+            results.extend(run_row(variant, seed, row, out, budget_scale))
     return results
 
 
@@ -308,6 +313,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--plan", default="0:sigma0.2,0:sigma0.59,1:sigma0.2",
                         help="seed:variant pairs of configs/reproduce_mnist.py")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets (the test suite)")
+    parser.add_argument("--budget_scale", type=float, default=1.0,
+                        help="multiply every training length (use a new --out)")
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> str:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     start = time.time()
-    text = report(collect(plan, out), out)
+    text = report(collect(plan, out, args.budget_scale), out)
     print(text)
     print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
     return text
