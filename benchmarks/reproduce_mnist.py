@@ -242,7 +242,8 @@ def plot_samples(results: list[dict], path: str) -> None:
 
 
 def plot_triptych(results: list[dict], sigma: float, path: str, count: int = 8) -> None:
-    """clean original | noisy | D^(1) … D^(K) for the first ``count`` noisy images."""
+    """clean original | noisy | D^(1) … D^(K) for ``count`` noisy images spread evenly over
+    the set (MNIST-5k is sorted by class)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,11 +256,13 @@ def plot_triptych(results: list[dict], sigma: float, path: str, count: int = 8) 
     seed = min(r["seed"] for r in sf)
     workdir = next(r["workdir"] for r in sf if r["seed"] == seed)
     data_dir = os.path.join(os.path.dirname(workdir), "data")
-    columns = [("clean", eval_only.load_clean_originals(data_dir)[:count]),
-               ("noisy", PreparedDataset(data_dir).noisy()[0].images[:count])]
+    originals = eval_only.load_clean_originals(data_dir)
+    pick = np.linspace(0, len(originals) - 1, count).astype(int)
+    columns = [("clean", originals[pick]),
+               ("noisy", np.asarray(PreparedDataset(data_dir).noisy()[0].images)[pick])]
     for k in sorted({r["round"] for r in sf if r["round"]}):
         columns.append((f"D^({k})", _read_denoised(os.path.join(workdir, "denoised",
-                                                                f"round_{k}"))[:count]))
+                                                                f"round_{k}"))[pick]))
     fig, axes = plt.subplots(count, len(columns), figsize=(1.3 * len(columns), 1.3 * count),
                              squeeze=False)
     for j, (label, imgs) in enumerate(columns):
