@@ -33,12 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.corrupt.noise_seed = 1  # the one-time corruption noise.
     c.corrupt.clean_count = 50  # clean images kept (SFBD headline: 50); 0 = use the fraction.
     c.corrupt.clean_fraction = 0.0  # e.g. 0.04 or 0.10 when clean_count is 0.
-    c.corrupt.type = "gaussian_noise"  # gaussian_noise | gaussian_blur | jpeg | motion_blur.
+    # gaussian_noise | gaussian_blur | jpeg | motion_blur | folder (low-quality images from
+    # corrupt.folder instead of corrupting the non-clean part of the source, which is unused).
+    c.corrupt.type = "gaussian_noise"
     c.corrupt.sigma = 0.2  # gaussian_noise: σ_ζ on the [-1, 1] scale.
     c.corrupt.sigma_px = 0.6  # gaussian_blur: σ_B in pixels.
     c.corrupt.quality = 30  # jpeg quality.
     c.corrupt.length = 5  # motion_blur: kernel length in pixels.
     c.corrupt.angle_deg = 0.0  # motion_blur: direction.
+    c.corrupt.folder = ""  # folder: a directory of low-quality images (resized as config.data).
     c.corrupt.dtype = "float32"  # storage of the noisy values: float32 or float16.
     c.corrupt.shard_size = 10_000  # images per shard.
 
@@ -55,11 +58,46 @@ def get_config() -> ml_collections.ConfigDict:
     c.sfbd.restart_warmup = False  # restart the lr warm-up every round (the reference bug).
     c.sfbd.eval_every_round = True  # sample grids after every round (else only the last).
 
+    # Ambient Diffusion Omni (config.mode = 'ambient'): clean ∪ low-quality images from
+    # config.corrupt (a corruption of the library, or type 'folder'), each low-quality image
+    # used only at σ > σ_min·√(s_max/(s_max−1)) (or σ < σ_max, locality).
+    c.ambient = ml_collections.ConfigDict()
+    # 'fixed' (fixed_sigma_min for every low-quality image), 'classifier' (noise-conditional
+    # classifier below), 'every_sigma' (σ_min = 0: naive baseline), 'exclude' (clean only).
+    c.ambient.annotation = "fixed"
+    c.ambient.fixed_sigma_min = 0.5
+    c.ambient.fixed_sigma_max = 0.0  # locality: also used below this σ; 0 = never.
+    c.ambient.s_max = 4.0  # safety factor √(s_max/(s_max−1)) above σ_min.
+    c.ambient.known_noise = True  # gaussian_noise data: σ_n = corrupt.sigma, ambient loss.
+    # The noise-conditional classifier c(x_σ, σ) → P(corrupted) (encoder half of the U-Net).
+    c.ambient.classifier = ml_collections.ConfigDict()
+    c.ambient.classifier.base_channels = 16
+    c.ambient.classifier.channel_mult = (1, 2, 2)
+    c.ambient.classifier.num_blocks = 1
+    c.ambient.classifier.attn_resolutions = ()
+    c.ambient.classifier.channels_per_head = 64
+    c.ambient.classifier.batch_size = 64  # global, half clean and half low-quality.
+    c.ambient.classifier.steps = 1_500
+    c.ambient.classifier.lr = 1e-3
+    c.ambient.classifier.log_every_steps = 100
+    c.ambient.classifier.seed = 0
+    # σ_min of each low-quality image from P(corrupted) over a log-spaced σ grid.
+    c.ambient.annotate = ml_collections.ConfigDict()
+    c.ambient.annotate.sigma_lo = 0.01
+    c.ambient.annotate.sigma_hi = 5.0
+    c.ambient.annotate.num_sigmas = 24
+    c.ambient.annotate.num_draws = 4  # noise draws per image and level.
+    c.ambient.annotate.smooth_window = 3  # moving average along the grid (odd).
+    c.ambient.annotate.epsilon = 0.05  # σ_min: first level where P(corrupted) < 0.5 + ε.
+    c.ambient.annotate.batch_size = 128  # images per call (global, split over devices).
+    c.ambient.annotate.seed = 0
+
     # Distribution metrics of generated images (python -m sfbd_jax.evaluate, and SFBD rounds).
     c.eval = ml_collections.ConfigDict()
     c.eval.metrics = "classifier_fd,swd"  # comma-separated: fid, kid, classifier_fd, swd.
     c.eval.num_samples = 50_000  # generated images per evaluation (EDM / SFBD papers: 50k).
-    c.eval.round_num_samples = 0  # SFBD: metrics after every round with this many; 0 = off.
+    # SFBD: metrics after every round with this many samples; Ambient: at the end; 0 = off.
+    c.eval.round_num_samples = 0
     c.eval.batch_size = 256  # global, split over devices (generation and features).
     c.eval.reference_max = 50_000  # clean reference images (all of config.data if fewer).
     c.eval.reference_seed = 0  # reference subsample, KID subsets, SWD directions.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-KNOWN_MODES = ("edm", "sfbd")
+KNOWN_MODES = ("edm", "sfbd", "ambient")
 KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd")
 
 

@@ -51,7 +51,12 @@ def run(config, workdir: str):
         from sfbd_jax.methods import sfbd
 
         return sfbd.run_sfbd(config, workdir)
-    raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: 'edm', 'sfbd'")
+    if config.mode == "ambient":
+        from sfbd_jax.methods import ambient
+
+        return ambient.run_ambient(config, workdir)
+    raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: 'edm', 'sfbd', "
+                     "'ambient'")
 
 
 def run_evaluation(config, workdir: str, checkpoint: str = "latest") -> dict:

@@ -94,10 +94,15 @@ class TrainBatches:
         shape = (steps_per_dispatch, batch_size)
         self.rows = devices.process_rows(self.sharding, shape, axis=1)
 
+    def draw(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Example indices (B,) of global batch ``step`` and per-example extras ({name: (B,)},
+        placed into the batch as they are); subclasses draw differently."""
+        return self.indexer.indices(step), {}
+
     def get(self, first_step: int) -> dict:
         """Batches for steps first_step … first_step + steps_per_dispatch − 1."""
-        idx = np.stack([self.indexer.indices(first_step + i)
-                        for i in range(self.steps_per_dispatch)])
+        drawn = [self.draw(first_step + i) for i in range(self.steps_per_dispatch)]
+        idx = np.stack([d[0] for d in drawn])
         global_shape = idx.shape
         local = idx[:, self.rows]
         images = self.dataset.images[local]
@@ -110,6 +115,9 @@ class TrainBatches:
                               for i in range(self.steps_per_dispatch)])
             images = np.where(flips[:, :, None, None, None], images[:, :, :, ::-1], images)
         out = {"image": self._place(images, global_shape)}
+        for name in drawn[0][1]:
+            extra = np.stack([d[1][name] for d in drawn])
+            out[name] = self._place(extra[:, self.rows], global_shape)
         if self.use_labels:
             out["label"] = self._place(self.dataset.labels[local], global_shape)
         return out

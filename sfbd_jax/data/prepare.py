@@ -11,7 +11,10 @@ A seeded split of the clean source into a clean subset (``corrupt.clean_count`` 
 
 ``indices`` are the positions of each image in the source. The noise of source image i is drawn
 from fold_in(PRNGKey(noise_seed), i): the same whatever the shard size. Noisy values are stored
-unclipped (float32, or float16 with its rounding error recorded in the manifest). The source is
+unclipped (float32, or float16 with its rounding error recorded in the manifest). With
+``corrupt.type='folder'`` the low-quality group is the images of ``corrupt.folder`` as they are
+(indices counting on after the source's), the non-clean part of the source is left out and
+there are no eval_only originals. The source is
 streamed chunk by chunk; at most one shard per output is held in memory. Preparing again with
 the same settings is a no-op; other settings refuse to overwrite.
 """
@@ -33,7 +36,8 @@ from sfbd_jax.data import shards, sources
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PARAMS_BY_TYPE = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
-                  "jpeg": ("quality",), "motion_blur": ("length", "angle_deg")}
+                  "jpeg": ("quality",), "motion_blur": ("length", "angle_deg"),
+                  "folder": ("folder",)}
 SOURCE_KEYS = ("source", "tfds_name", "split", "data_dir", "folder", "image_size",
                "center_crop", "channels")
 
@@ -115,6 +119,23 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _write_folder(config, chunk: int, writer: _ShardWriter, first_index: int) -> int:
+    """Stream the images of corrupt.folder (resized like config.data) into ``writer``, indexed
+    from ``first_index`` on (after the source's); returns how many."""
+    if not config.corrupt.folder:
+        raise ValueError("config.corrupt.type='folder' needs config.corrupt.folder (a directory "
+                         "of low-quality images)")
+    data = config.data.copy_and_resolve_references()
+    with data.unlocked():
+        data.source, data.folder, data.subset = "folder", config.corrupt.folder, 0
+    _, _, chunks = sources.iter_source(data, chunk)
+    count = 0
+    for images, _ in chunks:
+        writer.add(images=images, indices=first_index + np.arange(count, count + len(images)))
+        count += len(images)
+    return count
+
+
 def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
@@ -164,6 +185,7 @@ def prepare(config) -> dict:
     eval_w = _ShardWriter(tmp, "eval_only", record["shard_size"])
     sq_err, max_err, offset = 0.0, 0.0, 0
     t0 = time.time()
+    from_folder = record["corruption"]["type"] == "folder"
     _, _, chunks = sources.iter_source(config.data, chunk)
     for images, labels in chunks:
         index = np.arange(offset, offset + len(images))
@@ -172,7 +194,7 @@ def prepare(config) -> dict:
         extra = {} if labels is None else {"labels": labels[c]}
         if c.any():
             clean_w.add(images=images[c], indices=index[c], **extra)
-        if n.any():
+        if n.any() and not from_folder:
             noisy = corruptions.apply_corruption(images[n], record["corruption"], key, index[n])
             stored = noisy.astype(dtype)
             diff = stored.astype(np.float32) - noisy
@@ -182,6 +204,8 @@ def prepare(config) -> dict:
                         **({} if labels is None else {"labels": labels[n]}))
             eval_w.add(originals=images[n])
         logging.info("prepare: %d / %d images (%.0f s)", offset, num_examples, time.time() - t0)
+    if from_folder:  # the low-quality group: the images of corrupt.folder, as they are
+        noisy_idx = num_examples + np.arange(_write_folder(config, chunk, noisy_w, num_examples))
     pixels_per_image = config.data.image_size**2 * config.data.channels
     if offset != num_examples:
         raise RuntimeError(f"the source yielded {offset} images on the second pass and "

@@ -147,14 +147,7 @@ class UNet(nn.Module):
         label_embedding_noise: jax.Array | None = None,
     ) -> jax.Array:
         noise_ch = self.base_channels
-        emb_ch = self.base_channels * self.emb_mult
-        if self.embedding_type == "positional":
-            emb = PositionalEmbedding(noise_ch, name="map_noise")(noise_labels)
-        elif self.embedding_type == "fourier":
-            emb = FourierEmbedding(noise_ch, name="map_noise")(noise_labels)
-        else:
-            raise ValueError(f"model.embedding_type must be 'positional' or 'fourier', "
-                             f"got {self.embedding_type!r}")
+        emb = _noise_embedding(self.embedding_type, noise_ch, noise_labels)
         if self.num_classes:
             if class_labels is None:
                 raise ValueError("this model is class-conditional (model.num_classes="
@@ -164,28 +157,11 @@ class UNet(nn.Module):
             if label_embedding_noise is not None:
                 label_emb = label_emb + label_embedding_noise
             emb = emb + label_emb
-        emb = nn.silu(nn.Dense(emb_ch, kernel_init=_XAVIER, name="map_layer0")(emb))
-        emb = nn.silu(nn.Dense(emb_ch, kernel_init=_XAVIER, name="map_layer1")(emb))
-
-        block = lambda ch, name, **kw: UNetBlock(
+        emb = _embedding_mlp(emb, self.base_channels * self.emb_mult)
+        block = lambda ch, name, **kw: UNetBlock(  # noqa: E731
             ch, dropout=self.dropout, channels_per_head=self.channels_per_head, name=name, **kw)
-
-        # Encoder.
-        skips = []
-        h = x
-        channels = self.base_channels
-        for level, mult in enumerate(self.channel_mult):
-            res = self.image_size >> level
-            if level == 0:
-                h = nn.Conv(channels, (3, 3), kernel_init=_XAVIER, name=f"enc{res}_conv")(h)
-            else:
-                h = block(channels, f"enc{res}_down", down=True)(h, emb, train)
-            skips.append(h)
-            for i in range(self.num_blocks):
-                channels = self.base_channels * mult
-                h = block(channels, f"enc{res}_block{i}",
-                          attention=res in self.attn_resolutions)(h, emb, train)
-                skips.append(h)
+        h, skips = _encoder(self, x, emb, train, block)
+        channels = h.shape[-1]
 
         # Decoder.
         for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -203,6 +179,76 @@ class UNet(nn.Module):
                           )(h, emb, train)
         h = nn.silu(_group_norm(channels)(h))
         return nn.Conv(self.out_channels, (3, 3), kernel_init=_OUT_INIT, name="out_conv")(h)
+
+
+def _noise_embedding(embedding_type: str, channels: int, noise_labels: jax.Array) -> jax.Array:
+    """The noise-level embedding (B,) -> (B, channels), named ``map_noise`` in the caller."""
+    if embedding_type == "positional":
+        return PositionalEmbedding(channels, name="map_noise")(noise_labels)
+    if embedding_type == "fourier":
+        return FourierEmbedding(channels, name="map_noise")(noise_labels)
+    raise ValueError(f"model.embedding_type must be 'positional' or 'fourier', "
+                     f"got {embedding_type!r}")
+
+
+def _embedding_mlp(emb: jax.Array, channels: int) -> jax.Array:
+    """Two SiLU dense layers (``map_layer0/1``) from the summed embeddings."""
+    emb = nn.silu(nn.Dense(channels, kernel_init=_XAVIER, name="map_layer0")(emb))
+    return nn.silu(nn.Dense(channels, kernel_init=_XAVIER, name="map_layer1")(emb))
+
+
+def _encoder(net, x: jax.Array, emb: jax.Array, train: bool, block
+             ) -> tuple[jax.Array, list[jax.Array]]:
+    """The U-Net's encoder (called inside ``net``'s compact ``__call__``, so its blocks are
+    ``net``'s submodules ``enc<res>_*``): ``num_blocks`` blocks per level, 2× down between
+    levels. Returns the last activation and the skips for the decoder."""
+    skips = []
+    h = x
+    channels = net.base_channels
+    for level, mult in enumerate(net.channel_mult):
+        res = net.image_size >> level
+        if level == 0:
+            h = nn.Conv(channels, (3, 3), kernel_init=_XAVIER, name=f"enc{res}_conv")(h)
+        else:
+            h = block(channels, f"enc{res}_down", down=True)(h, emb, train)
+        skips.append(h)
+        for i in range(net.num_blocks):
+            channels = net.base_channels * mult
+            h = block(channels, f"enc{res}_block{i}",
+                      attention=res in net.attn_resolutions)(h, emb, train)
+            skips.append(h)
+    return h, skips
+
+
+class NoiseClassifier(nn.Module):
+    """Ambient-Omni's noise-conditional classifier (METHODS.md §3.1): the U-Net's encoder (same
+    blocks and noise embedding), GN-SiLU, global average pooling and a linear layer.
+
+    ``x``: (B, H, W, C), already scaled by c_in(σ); ``noise_labels``: (B,) c_noise(σ).
+    Returns logits (B,) of P(corrupted | x_σ, σ).
+    """
+
+    image_size: int
+    base_channels: int = 32
+    channel_mult: Sequence[int] = (1, 2, 2)
+    num_blocks: int = 1
+    attn_resolutions: Sequence[int] = ()
+    dropout: float = 0.0
+    channels_per_head: int = 64
+    embedding_type: str = "positional"
+    emb_mult: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, noise_labels: jax.Array, *, train: bool = False
+                 ) -> jax.Array:
+        emb = _noise_embedding(self.embedding_type, self.base_channels, noise_labels)
+        emb = _embedding_mlp(emb, self.base_channels * self.emb_mult)
+        block = lambda ch, name, **kw: UNetBlock(  # noqa: E731
+            ch, dropout=self.dropout, channels_per_head=self.channels_per_head, name=name, **kw)
+        h, _ = _encoder(self, x, emb, train, block)
+        h = nn.silu(_group_norm(h.shape[-1])(h))
+        h = jnp.mean(h, axis=(1, 2))
+        return nn.Dense(1, kernel_init=_XAVIER, name="out")(h)[:, 0]
 
 
 def build_unet(model_config, image_size: int, channels: int) -> UNet:

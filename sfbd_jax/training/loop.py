@@ -126,19 +126,23 @@ class Experiment:
     # ----- training ----------------------------------------------------------------------
     def train(self, state: TrainState, dataset: sources.ImageDataset, *, end_step: int,
               phase_start_step: int, data_seed: int, checkpointer: checkpoints.Checkpointer,
-              writer, workdir: str, tag: str = "train") -> TrainState:
+              writer, workdir: str, tag: str = "train",
+              batches: pipeline.TrainBatches | None = None) -> TrainState:
         """Train ``state`` on ``dataset`` until ``state.step == end_step``.
 
         Batch ``i`` of the phase is drawn for step ``phase_start_step + i`` from ``data_seed``,
-        so a resumed phase sees exactly the batches an uninterrupted one would.
+        so a resumed phase sees exactly the batches an uninterrupted one would. ``batches``
+        replaces the uniform batches over ``dataset`` (e.g. Ambient-Omni's
+        ``eligibility.AmbientBatches``, whose maker validates its data).
         """
         cfg = self.config.train
-        pipeline.validate_images(dataset.images, self.image_shape, dataset.name,
-                                 check_values=isinstance(dataset.images, np.ndarray))
-        batches = pipeline.TrainBatches(dataset, cfg.batch_size, cfg.steps_per_dispatch,
-                                        data_seed, self.mesh,
-                                        use_labels=self.config.model.num_classes > 0,
-                                        random_flip=self.config.data.random_flip)
+        if batches is None:
+            pipeline.validate_images(dataset.images, self.image_shape, dataset.name,
+                                     check_values=isinstance(dataset.images, np.ndarray))
+            batches = pipeline.TrainBatches(dataset, cfg.batch_size, cfg.steps_per_dispatch,
+                                            data_seed, self.mesh,
+                                            use_labels=self.config.model.num_classes > 0,
+                                            random_flip=self.config.data.random_flip)
         step_now = int(state.step)
         if (end_step - phase_start_step) % cfg.steps_per_dispatch:
             raise ValueError(f"the phase length {end_step - phase_start_step} steps is not a "

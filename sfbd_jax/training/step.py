@@ -26,9 +26,22 @@ LossFn = Callable[[Any, Batch, jax.Array], jax.Array]
 
 
 def edm_loss_fn(denoise: DenoiseFn, diffusion_config) -> LossFn:
-    """loss(params, batch, key) -> mean EDM loss over the batch."""
+    """loss(params, batch, key) -> mean loss over the batch.
+
+    A batch with ``sigma`` (B,) (Ambient-Omni: levels drawn with the examples, see
+    data/eligibility.py) gets the ambient loss at those levels, with the examples' known noise
+    levels ``sigma_n`` (B,) when present (0 otherwise); a batch of images only gets the EDM loss
+    with σ drawn here.
+    """
 
     def loss(params, batch, key):
+        if "sigma" in batch:
+            sigma = batch["sigma"]
+            per_example = edm.ambient_loss_per_example(
+                denoise, params, batch["image"], sigma,
+                batch.get("sigma_n", jnp.zeros_like(sigma)), key,
+                sigma_data=diffusion_config.sigma_data, labels=batch.get("label"), train=True)
+            return jnp.mean(per_example)
         per_example = edm.edm_loss_per_example(
             denoise, params, batch["image"], key, sigma_data=diffusion_config.sigma_data,
             p_mean=diffusion_config.p_mean, p_std=diffusion_config.p_std,

@@ -1,0 +1,248 @@
+"""Ambient Diffusion Omni driver (``mode=ambient``, METHODS.md §3): train one EDM model on
+clean ∪ low-quality images, each low-quality image only at the noise levels its annotation
+allows (data/eligibility.py), with the ambient loss where the data carry known noise σ_n.
+
+Steps, each resumable: prepare the mixed data set (config.corrupt: a corruption of the
+library, or corrupt.type='folder' for a folder of low-quality images) → annotate the
+low-quality images (config.ambient.annotation) and save the annotation with the data
+manifest → train → samples, and with ``eval.round_num_samples > 0`` the distribution metrics.
+
+``config.ambient.annotation``:
+    'fixed'        σ_min = ambient.fixed_sigma_min for every low-quality image
+    'classifier'   σ_min from the noise-conditional classifier (noise_classifier.py), trained
+                   first if not cached in <workdir>/annotator/
+    'every_sigma'  σ_min = 0: low-quality images at every level (the naive baseline)
+    'exclude'      σ_min = ∞: clean images only (the clean-only baseline, same code path)
+With Gaussian-noise data and ``ambient.known_noise``, σ_n = σ_ζ and σ_min is raised to σ_ζ:
+the ambient loss on the noisy data, i.e. the TweedieDiff baseline of SFBD.
+
+Run directory: checkpoints/, samples/, annotator/<fingerprint>/ (classifier), data/ (when
+config.corrupt.output_dir is empty), ambient_summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from sfbd_jax.data import annotations as annotations_lib
+from sfbd_jax.data import eligibility, pipeline
+from sfbd_jax.data import prepare as prepare_lib
+from sfbd_jax.data.prepared import PreparedDataset
+from sfbd_jax.data.sources import ImageDataset
+from sfbd_jax.evaluation import evaluator as evaluator_lib
+from sfbd_jax.methods import noise_classifier
+from sfbd_jax.training import loop
+from sfbd_jax.training.state import TrainState
+from sfbd_jax.utils import checkpoints, jsonfile
+
+SUMMARY = "ambient_summary.json"
+ANNOTATIONS = ("fixed", "classifier", "every_sigma", "exclude")
+
+
+def _sync(name: str) -> None:
+    """Wait for process 0's files (multi-host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def with_data_dir(config, workdir: str):
+    """``config`` with corrupt.output_dir defaulting to ``workdir/data``."""
+    if config.corrupt.output_dir:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.corrupt.output_dir = os.path.join(os.path.abspath(workdir), "data")
+    return config
+
+
+def known_noise_level(config, manifest: dict) -> float:
+    """σ_n of the low-quality images: σ_ζ for Gaussian-noise data with ambient.known_noise,
+    else 0."""
+    corruption = manifest["settings"]["corruption"]
+    if config.ambient.known_noise and corruption["type"] == "gaussian_noise":
+        return float(corruption["sigma"])
+    return 0.0
+
+
+def classifier_dir(config, workdir: str, manifest: dict) -> str:
+    fp = noise_classifier.fingerprint(config, manifest["settings"], manifest["counts"])
+    return os.path.join(os.path.abspath(workdir), "annotator", fp)
+
+
+def train_classifier(config, workdir: str, mesh, writer=None) -> tuple[dict, dict]:
+    """Train (or load, when already trained with these settings) the noise-conditional
+    classifier on the prepared data of ``config``; returns (params, meta)."""
+    data = PreparedDataset(config.corrupt.output_dir)
+    directory = classifier_dir(config, workdir, data.manifest)
+    loaded = noise_classifier.load(directory, noise_classifier.init_template(config))
+    if loaded is not None:
+        logging.info("Noise classifier loaded from %s.", directory)
+        return loaded
+    clean = data.clean().images
+    bad, _ = data.noisy()
+    logging.info("Training the noise classifier: %d clean vs %d low-quality images.",
+                 len(clean), len(bad))
+    params, meta = noise_classifier.train(config, clean, bad.images, mesh, writer)
+    noise_classifier.save(directory, params, meta)
+    _sync("noise_classifier")
+    logging.info("Noise classifier saved in %s (final BCE %.4f, accuracy %.3f).", directory,
+                 meta["final_bce"], meta["final_accuracy"])
+    return params, meta
+
+
+def annotation_settings(config, manifest: dict, workdir: str) -> tuple[str, dict]:
+    """(method, the settings that determine its σ_min values)."""
+    method = config.ambient.annotation
+    if method not in ANNOTATIONS:
+        raise ValueError(f"config.ambient.annotation={method!r} is unknown; known: "
+                         f"{ANNOTATIONS}")
+    settings: dict = {}
+    if method == "fixed":
+        settings = {"sigma_min": float(config.ambient.fixed_sigma_min),
+                    "sigma_max": float(config.ambient.fixed_sigma_max)}
+    elif method == "classifier":
+        settings = {"classifier": os.path.basename(classifier_dir(config, workdir, manifest)),
+                    "annotate": config.ambient.annotate.to_dict()}
+    return method, settings
+
+
+def annotate(config, workdir: str, mesh, writer=None) -> str:
+    """Annotate the low-quality images of the prepared data (no-op when this annotation is
+    already saved); returns the annotation's name in the data manifest."""
+    data_dir = config.corrupt.output_dir
+    manifest = prepare_lib.read_manifest(data_dir)
+    method, settings = annotation_settings(config, manifest, workdir)
+    name = annotations_lib.annotation_name(method, settings)
+    if annotations_lib.record(data_dir, name) is not None:
+        return name
+    n = int(manifest["counts"]["noisy"])
+    arrays: dict[str, np.ndarray] = {}
+    info: dict = {}
+    if method == "fixed":
+        if config.ambient.fixed_sigma_min < 0 or config.ambient.fixed_sigma_max < 0:
+            raise ValueError("config.ambient.fixed_sigma_min and fixed_sigma_max must be >= 0")
+        arrays["sigma_min"] = np.full(n, settings["sigma_min"])
+        if settings["sigma_max"] > 0:
+            arrays["sigma_max"] = np.full(n, settings["sigma_max"])
+    elif method == "every_sigma":
+        arrays["sigma_min"] = np.zeros(n)
+    elif method == "exclude":
+        arrays["sigma_min"] = np.full(n, np.inf)
+    else:
+        params, meta = train_classifier(config, workdir, mesh, writer)
+        bad, indices = PreparedDataset(data_dir, lazy=True).noisy()
+        cfg = config.ambient.annotate
+        logging.info("Annotating %d low-quality images over %d levels × %d draws.", n,
+                     cfg.num_sigmas, cfg.num_draws)
+        probs = noise_classifier.probabilities(config, params, bad.images, indices, mesh)
+        grid = noise_classifier.sigma_grid(cfg)
+        arrays["sigma_min"] = noise_classifier.sigma_min_from_probabilities(
+            probs, grid, cfg.epsilon, cfg.smooth_window)
+        info = {"classifier": meta, "grid": grid.tolist(),
+                "mean_probability": probs.mean(axis=0).tolist()}
+    annotations_lib.save(data_dir, method, settings, arrays, info)
+    _sync("annotations")
+    record = annotations_lib.record(data_dir, name)
+    logging.info("Annotation %s of %d low-quality images: %s", name, n, record["summary"])
+    return name
+
+
+def training_set(config, workdir: str, mesh, writer=None
+                 ) -> tuple[ImageDataset, eligibility.Annotations, dict]:
+    """clean ∪ low-quality images (in memory) with their annotations, and facts for the
+    summary."""
+    name = annotate(config, workdir, mesh, writer)
+    data = PreparedDataset(config.corrupt.output_dir)
+    clean = data.clean()
+    bad, _ = data.noisy()
+    stored = annotations_lib.load(config.corrupt.output_dir, name)
+    sigma_n = known_noise_level(config, data.manifest)
+    n_bad = len(bad)
+    sigma_min = stored["sigma_min"]
+    if sigma_n > 0:
+        sigma_min = np.maximum(sigma_min, sigma_n)
+    bad_ann = eligibility.Annotations.make(sigma_min, stored.get("sigma_max"),
+                                           np.full(n_bad, sigma_n))
+    clean_ann = eligibility.Annotations.make(np.zeros(len(clean)))
+    ann = eligibility.Annotations.concatenate([clean_ann, bad_ann])
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    pipeline.validate_images(clean.images, shape, clean.name)
+    if sigma_n > 0:  # noisy values are unclipped: check they are finite only
+        pipeline.validate_images(bad.images, shape, bad.name, check_values=False)
+        if not np.isfinite(bad.images).all():
+            raise ValueError(f"data set {bad.name!r} contains NaN or infinite pixel values")
+    else:
+        pipeline.validate_images(bad.images, shape, bad.name)
+    images = np.concatenate([clean.images, bad.images]).astype(np.float32)
+    labels = (np.concatenate([clean.labels, bad.labels])
+              if clean.labels is not None and bad.labels is not None else None)
+    dataset = ImageDataset(images, labels, clean.num_classes, "clean+low_quality")
+    facts = {"annotation": name, "clean": len(clean), "low_quality": n_bad,
+             "sigma_n": sigma_n, "annotation_summary": annotations_lib.summary(sigma_min)}
+    return dataset, ann, facts
+
+
+def low_quality_share(sampler: eligibility.EligibleSampler, n_clean: int, seed: int,
+                      draws: int = 20_000) -> float:
+    """Expected fraction of batch elements that are low-quality images."""
+    _, index = sampler.draw(np.random.default_rng([seed, 0x5A4E]), draws)
+    return float(np.mean(index >= n_clean))
+
+
+def run_ambient(config, workdir: str) -> TrainState:
+    """Entry for config.mode == 'ambient' (see the module docstring)."""
+    workdir = os.path.abspath(workdir)
+    config = with_data_dir(config, workdir)
+    experiment = loop.Experiment(config)
+    evaluator = (evaluator_lib.Evaluator(config, experiment.mesh)
+                 if config.eval.round_num_samples > 0 else None)
+    eligibility.safety_factor(config.ambient.s_max)  # a bad s_max fails before any work
+    loop.write_run_config(config, workdir)
+    if jax.process_index() == 0:
+        prepare_lib.prepare(config)
+    _sync("prepare")
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    dataset, ann, facts = training_set(config, workdir, experiment.mesh, writer)
+    d = config.diffusion
+    batches = eligibility.AmbientBatches(
+        dataset, ann, s_max=config.ambient.s_max, p_mean=d.p_mean, p_std=d.p_std,
+        batch_size=config.train.batch_size, steps_per_dispatch=config.train.steps_per_dispatch,
+        seed=config.seed, mesh=experiment.mesh, use_labels=config.model.num_classes > 0,
+        random_flip=config.data.random_flip)
+    facts["low_quality_share"] = low_quality_share(batches.sampler, facts["clean"], config.seed)
+    logging.info("Ambient-Omni: %d clean + %d low-quality images (annotation %s, σ_n = %g); "
+                 "low-quality share of the batches %.3f.", facts["clean"],
+                 facts["low_quality"], facts["annotation"], facts["sigma_n"],
+                 facts["low_quality_share"])
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    config.train.max_checkpoints, config.train.async_checkpoints)
+    try:
+        state = experiment.restore_or_init(ckpt)
+        with metric_writers.ensure_flushes(writer):
+            state = experiment.train(state, dataset, end_step=loop.num_steps(config),
+                                     phase_start_step=0, data_seed=config.seed,
+                                     checkpointer=ckpt, writer=writer, workdir=workdir,
+                                     tag="ambient", batches=batches)
+            facts["samples"] = experiment.write_samples(state, workdir, writer, "final")
+    finally:
+        ckpt.close()
+    facts.update(step=int(state.step), images_seen=int(state.images_seen),
+                 train_loss=experiment.last_scalars.get("loss", float("nan")))
+    if evaluator is not None:
+        result = evaluator.evaluate_model(experiment, state.ema_params,
+                                          config.eval.round_num_samples,
+                                          evaluator_lib.evaluation_key(config))
+        facts.update({k: v for k, v in result.items() if k != "generate_seconds"})
+        writer.write_scalars(int(state.step), {f"ambient/{k}": v for k, v in facts.items()
+                                               if isinstance(v, float)})
+    if jax.process_index() == 0:
+        jsonfile.write_json(os.path.join(workdir, SUMMARY), facts)
+    logging.info("Ambient-Omni summary: %s", facts)
+    return state
