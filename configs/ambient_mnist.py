@@ -9,8 +9,10 @@
             the baseline of SFBD
   'smoke'   a tiny network and budget (the test suite)
 Choose how σ_min is set with --config.ambient.annotation=fixed|classifier|every_sigma|exclude.
-The fixed σ_min values are the medians the noise-conditional classifier found for each
-corruption on these digits (benchmarks/RESULTS.md, Ambient-Omni).
+Fixed σ_min: for 'blur' the median σ_min the noise-conditional classifier found on these
+digits (1.7; its 10–90% range 1.3–2.2, benchmarks/RESULTS.md). For 'jpeg' and 'motion' the
+value is a placeholder, not measured: run `python -m sfbd_jax.annotate ... --step=annotate
+--config.ambient.annotation=classifier` and use the median it logs.
 """
 
 from configs import default
@@ -32,7 +34,7 @@ def get_config(variant: str = "blur"):
     c.ambient.classifier.steps = 1_000
     if variant == "blur":
         c.corrupt.type, c.corrupt.sigma_px = "gaussian_blur", 1.0
-        c.ambient.fixed_sigma_min = 0.5
+        c.ambient.fixed_sigma_min = 1.7
     elif variant == "jpeg":
         c.corrupt.type, c.corrupt.quality = "jpeg", 15
         c.ambient.fixed_sigma_min = 0.5

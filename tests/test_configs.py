@@ -11,7 +11,10 @@ from sfbd_jax.models import precond, unet
 
 CASES = [("default", None), ("mnist_edm", None), ("demo", None), ("cifar10_sfbd", ""),
          ("cifar10_sfbd", "frac4"), ("cifar10_sfbd", "frac10"), ("celeba64_sfbd", ""),
-         ("celeba64_sfbd", "sigma1.38")]
+         ("celeba64_sfbd", "sigma1.38"), ("ambient_mnist", "blur"), ("ambient_mnist", "jpeg"),
+         ("ambient_mnist", "motion"), ("ambient_mnist", "noise"), ("ambient_mnist", "smoke"),
+         ("ambient_cifar10", "blur0.4"), ("ambient_cifar10", "blur1.0"),
+         ("ambient_cifar10", "jpeg")]
 
 
 @pytest.mark.parametrize("name,variant", CASES)
@@ -27,6 +30,11 @@ def test_config_builds(name, variant):
     if name.endswith("_sfbd"):
         assert c.corrupt.sigma in (0.2, 0.59, 1.38)
         assert c.sfbd.denoise_shard_size % c.sfbd.denoise_batch_size == 0
+    if name.startswith("ambient_"):  # the annotation classifier builds too
+        from sfbd_jax.methods import noise_classifier
+
+        noise_classifier.build_model(c.ambient.classifier, c.data.image_size)
+        noise_classifier.sigma_grid(c.ambient.annotate)
 
 
 def test_unknown_variant():

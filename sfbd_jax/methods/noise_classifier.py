@@ -208,6 +208,7 @@ def probabilities(config, params: dict, images, indices: np.ndarray, mesh) -> np
     params = jax.device_put(params, repl)
     out = []
     b = cfg.batch_size
+    t0 = t_log = time.time()
     for start in range(0, len(images), b):
         chunk = np.asarray(images[np.arange(start, min(start + b, len(images)))], np.float32)
         idx = np.asarray(indices[start:start + b], np.uint32)
@@ -216,6 +217,11 @@ def probabilities(config, params: dict, images, indices: np.ndarray, mesh) -> np
         idx = np.concatenate([idx, np.zeros(pad, np.uint32)])
         p = batch_probs(params, jax.device_put(chunk, batch_sh), jax.device_put(idx, batch_sh))
         out.append(np.asarray(jax.device_get(p))[:b - pad])
+        if time.time() - t_log > 30:
+            t_log = time.time()
+            done = start + b - pad
+            logging.info("annotation: %d / %d images (%.0f s, %.0f images/s)", done,
+                         len(images), t_log - t0, done / (t_log - t0))
     return np.concatenate(out)
 
 
