@@ -60,6 +60,9 @@ def get_config(variant: str = "blur"):
         c.ambient.annotate.batch_size = 64
         c.eval.num_samples = 32
         c.eval.batch_size = 32
+        c.eval.swd_projections = 64
+        c.eval.classifier.steps, c.eval.classifier.width = 50, 8
+        c.eval.classifier.batch_size, c.eval.classifier.lr = 32, 1e-2
     else:
         raise ValueError(f"unknown ambient_mnist variant {variant!r}: 'blur', 'jpeg', "
                          "'motion', 'noise', 'smoke'")

@@ -312,3 +312,26 @@ def test_unknown_annotation_method_is_refused(image_folder, tmp_path):
     c.ambient.annotation = "oracle"
     with pytest.raises(ValueError, match="ambient.annotation"):
         run(c, str(tmp_path / "run"))
+
+
+def test_ambient_benchmark_smoke(tmp_path):
+    """benchmarks/ambient_mnist.py end to end (tiny): the EDM oracle row with its evaluation,
+    the naive row and the classifier-annotated row (classifier trained inside the run)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import ambient_mnist
+
+    out = str(tmp_path / "bench")
+    text = ambient_mnist.main(["--out", out, "--smoke", "--rows",
+                               "oracle,every_sigma,ambient_classifier"])
+    results = json.load(open(os.path.join(out, "results_smoke.json")))
+    assert [r["row"] for r in results] == ["oracle", "every_sigma", "ambient_classifier"]
+    for r in results:
+        assert np.isfinite(r["classifier_fd"]) and np.isfinite(r["swd"])
+    assert results[1]["low_quality_share"] > 0.8  # 90% of the images, at every σ
+    assert "ambient_classifier" in text
+    assert os.path.exists(os.path.join(out, "samples_smoke.png"))
+    manifest = prepare.read_manifest(os.path.join(out, "smoke", "data"))
+    methods = sorted(a["method"] for a in manifest["annotations"].values())
+    assert methods == ["classifier", "every_sigma"]

@@ -15,6 +15,7 @@ level where the smoothed P < 0.5 + ε, the largest level when there is none.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -192,7 +193,7 @@ def probabilities(config, params: dict, images, indices: np.ndarray, mesh) -> np
         k = jax.random.fold_in(key, index)
         return jax.random.normal(k, (grid.shape[0], cfg.num_draws, *images.shape[1:]))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=repl)  # every host gets every row
     def batch_probs(params, x, idx):
         noise = jax.vmap(one_image_noise)(idx)  # (B, S, D, H, W, C)
 
