@@ -63,8 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
     # used only at σ > σ_min·√(s_max/(s_max−1)) (or σ < σ_max, locality).
     c.ambient = ml_collections.ConfigDict()
     # 'fixed' (fixed_sigma_min for every low-quality image), 'classifier' (noise-conditional
-    # classifier below), 'every_sigma' (σ_min = 0: naive baseline), 'exclude' (clean only).
+    # classifier below), 'file' (annotation_file), 'every_sigma' (σ_min = 0: naive baseline),
+    # 'exclude' (clean images only).
     c.ambient.annotation = "fixed"
+    # 'file': an .npz of sigma_min [, sigma_max, sigma_n], each (N,) in the order of the
+    # prepared low-quality group (its source indices: noisy/indices-*.npy).
+    c.ambient.annotation_file = ""
     c.ambient.fixed_sigma_min = 0.5
     c.ambient.fixed_sigma_max = 0.0  # locality: also used below this σ; 0 = never.
     c.ambient.s_max = 4.0  # safety factor √(s_max/(s_max−1)) above σ_min.

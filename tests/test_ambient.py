@@ -307,6 +307,33 @@ def test_folder_of_low_quality_images_and_known_noise(image_folder, tmp_path):
     assert np.abs(dataset.images).max() > 1.0  # noisy values stay unclipped
 
 
+def test_annotations_from_a_file(image_folder, tmp_path):
+    """Per-image σ_min, σ_max and σ_n from a user's .npz (32 low-quality images)."""
+    c = _with_dir(ambient_config(image_folder), str(tmp_path))
+    prepare.prepare(c)
+    mesh = devices.make_data_mesh()
+    path = str(tmp_path / "ann.npz")
+    sigma_min = np.linspace(0.1, 1.0, 32)
+    sigma_max = np.r_[np.full(16, 0.05), np.zeros(16)]
+    sigma_n = np.r_[np.zeros(16), np.full(16, 0.2)]
+    np.savez(path, sigma_min=sigma_min, sigma_max=sigma_max, sigma_n=sigma_n)
+    c.ambient.annotation, c.ambient.annotation_file = "file", path
+    _, ann, facts = ambient.training_set(c, str(tmp_path), mesh)
+    np.testing.assert_array_equal(ann.sigma_min[8:], np.maximum(sigma_min, sigma_n))
+    np.testing.assert_array_equal(ann.sigma_max[8:], sigma_max)
+    np.testing.assert_array_equal(ann.sigma_n[8:], sigma_n)
+    assert facts["annotation"].startswith("file-") and facts["sigma_n"] == 0.2
+    np.savez(path, sigma_min=sigma_min[:5])
+    with pytest.raises(ValueError, match=r"sigma_min has shape \(5,\)"):
+        ambient.annotate(c, str(tmp_path), mesh)
+    np.savez(path, sigma_min=sigma_min, weights=sigma_min)
+    with pytest.raises(ValueError, match="weights"):
+        ambient.annotate(c, str(tmp_path), mesh)
+    c.ambient.annotation_file = str(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="annotation_file"):
+        ambient.annotate(c, str(tmp_path), mesh)
+
+
 def test_unknown_annotation_method_is_refused(image_folder, tmp_path):
     c = ambient_config(image_folder)
     c.ambient.annotation = "oracle"

@@ -2,7 +2,8 @@
 manifest (Ambient-Omni, METHODS.md §3).
 
 An annotation covers the low-quality ("noisy") group of a prepared directory, in shard order:
-``sigma_min`` (N,) and optionally ``sigma_max`` (N,). It is stored as checksummed shards
+``sigma_min`` (N,) and optionally ``sigma_max`` (N,) and ``sigma_n`` (N,) (known noise levels).
+It is stored as checksummed shards
 
     annotations/<name>/sigma_min.npy   annotations/<name>/sigma_max.npy
 
@@ -25,7 +26,7 @@ from sfbd_jax.data import shards
 from sfbd_jax.data.prepare import MANIFEST, read_manifest
 from sfbd_jax.utils import jsonfile
 
-ARRAYS = ("sigma_min", "sigma_max")
+ARRAYS = ("sigma_min", "sigma_max", "sigma_n")
 
 
 def annotation_name(method: str, settings: dict) -> str:
@@ -46,12 +47,14 @@ def summary(sigma_min: np.ndarray) -> dict:
 
 def save(data_dir: str, method: str, settings: dict, arrays: dict[str, np.ndarray],
          info: dict | None = None) -> str:
-    """Store ``arrays`` (``sigma_min`` required, ``sigma_max`` optional; each (N_noisy,)) for
-    the noisy group of ``data_dir``; returns the annotation's name. Process 0 writes."""
+    """Store ``arrays`` (``sigma_min`` required, ``sigma_max`` and ``sigma_n`` optional; each
+    (N_noisy,)) for the noisy group of ``data_dir``; returns the annotation's name. Process 0
+    writes."""
     manifest = read_manifest(data_dir)
     n = int(manifest["counts"]["noisy"])
     if "sigma_min" not in arrays or set(arrays) - set(ARRAYS):
-        raise ValueError(f"annotation arrays must be sigma_min [+ sigma_max], got {sorted(arrays)}")
+        raise ValueError(f"annotation arrays must be sigma_min [+ sigma_max, sigma_n], got "
+                         f"{sorted(arrays)}")
     for key, a in arrays.items():
         if np.shape(a) != (n,):
             raise ValueError(f"annotation {key} has shape {np.shape(a)}; the noisy group of "

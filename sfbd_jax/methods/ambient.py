@@ -11,6 +11,8 @@ manifest → train → samples, and with ``eval.round_num_samples > 0`` the dist
     'fixed'        σ_min = ambient.fixed_sigma_min for every low-quality image
     'classifier'   σ_min from the noise-conditional classifier (noise_classifier.py), trained
                    first if not cached in <workdir>/annotator/
+    'file'         per-image sigma_min [, sigma_max, sigma_n] from ambient.annotation_file (.npz,
+                   aligned with the prepared low-quality group: noisy/indices-*.npy)
     'every_sigma'  σ_min = 0: low-quality images at every level (the naive baseline)
     'exclude'      σ_min = ∞: clean images only (the clean-only baseline, same code path)
 With Gaussian-noise data and ``ambient.known_noise``, σ_n = σ_ζ and σ_min is raised to σ_ζ:
@@ -22,6 +24,7 @@ config.corrupt.output_dir is empty), ambient_summary.json.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -41,7 +44,7 @@ from sfbd_jax.training.state import TrainState
 from sfbd_jax.utils import checkpoints, jsonfile
 
 SUMMARY = "ambient_summary.json"
-ANNOTATIONS = ("fixed", "classifier", "every_sigma", "exclude")
+ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude")
 
 
 def _sync(name: str) -> None:
@@ -110,7 +113,32 @@ def annotation_settings(config, manifest: dict, workdir: str) -> tuple[str, dict
     elif method == "classifier":
         settings = {"classifier": os.path.basename(classifier_dir(config, workdir, manifest)),
                     "annotate": config.ambient.annotate.to_dict()}
+    elif method == "file":
+        path = os.path.abspath(config.ambient.annotation_file or "")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config.ambient.annotation='file' but "
+                                    f"config.ambient.annotation_file={path!r} is not a file")
+        with open(path, "rb") as f:
+            settings = {"file": path, "sha256": hashlib.sha256(f.read()).hexdigest()}
     return method, settings
+
+
+def read_annotation_file(path: str, count: int) -> dict[str, np.ndarray]:
+    """sigma_min [, sigma_max, sigma_n] from a user's .npz, each (count,)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k], np.float64) for k in f.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the annotation file {path}: {err}") from err
+    unknown = set(arrays) - set(annotations_lib.ARRAYS)
+    if "sigma_min" not in arrays or unknown:
+        raise ValueError(f"the annotation file {path} must hold sigma_min [, sigma_max, "
+                         f"sigma_n]; it holds {sorted(arrays)}")
+    for key, a in arrays.items():
+        if a.shape != (count,):
+            raise ValueError(f"{path}: {key} has shape {a.shape}; the low-quality group holds "
+                             f"{count} images")
+    return arrays
 
 
 def annotate(config, workdir: str, mesh, writer=None) -> str:
@@ -131,6 +159,8 @@ def annotate(config, workdir: str, mesh, writer=None) -> str:
         arrays["sigma_min"] = np.full(n, settings["sigma_min"])
         if settings["sigma_max"] > 0:
             arrays["sigma_max"] = np.full(n, settings["sigma_max"])
+    elif method == "file":
+        arrays = read_annotation_file(settings["file"], n)
     elif method == "every_sigma":
         arrays["sigma_min"] = np.zeros(n)
     elif method == "exclude":
@@ -163,18 +193,17 @@ def training_set(config, workdir: str, mesh, writer=None
     clean = data.clean()
     bad, _ = data.noisy()
     stored = annotations_lib.load(config.corrupt.output_dir, name)
-    sigma_n = known_noise_level(config, data.manifest)
     n_bad = len(bad)
-    sigma_min = stored["sigma_min"]
-    if sigma_n > 0:
-        sigma_min = np.maximum(sigma_min, sigma_n)
-    bad_ann = eligibility.Annotations.make(sigma_min, stored.get("sigma_max"),
-                                           np.full(n_bad, sigma_n))
+    sigma_n = stored.get("sigma_n")
+    if sigma_n is None:
+        sigma_n = np.full(n_bad, known_noise_level(config, data.manifest))
+    sigma_min = np.maximum(stored["sigma_min"], sigma_n)  # never below the data's own noise
+    bad_ann = eligibility.Annotations.make(sigma_min, stored.get("sigma_max"), sigma_n)
     clean_ann = eligibility.Annotations.make(np.zeros(len(clean)))
     ann = eligibility.Annotations.concatenate([clean_ann, bad_ann])
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     pipeline.validate_images(clean.images, shape, clean.name)
-    if sigma_n > 0:  # noisy values are unclipped: check they are finite only
+    if sigma_n.max(initial=0.0) > 0:  # noisy values are unclipped: check they are finite only
         pipeline.validate_images(bad.images, shape, bad.name, check_values=False)
         if not np.isfinite(bad.images).all():
             raise ValueError(f"data set {bad.name!r} contains NaN or infinite pixel values")
@@ -185,7 +214,8 @@ def training_set(config, workdir: str, mesh, writer=None
               if clean.labels is not None and bad.labels is not None else None)
     dataset = ImageDataset(images, labels, clean.num_classes, "clean+low_quality")
     facts = {"annotation": name, "clean": len(clean), "low_quality": n_bad,
-             "sigma_n": sigma_n, "annotation_summary": annotations_lib.summary(sigma_min)}
+             "sigma_n": float(sigma_n.max(initial=0.0)),
+             "annotation_summary": annotations_lib.summary(sigma_min)}
     return dataset, ann, facts
 
 
