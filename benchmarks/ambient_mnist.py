@@ -85,7 +85,10 @@ def table(results: list[dict]) -> str:
     for r in results:
         ann = r.get("annotation_summary") or {}
         med = ann.get("sigma_min_quantiles", {}).get("median")
-        med_s = "–" if med is None else ("∞" if not np.isfinite(med) else f"{med:.3g}")
+        if ann and ann["infinite"] == ann["count"]:
+            med_s = "∞"
+        else:
+            med_s = "–" if med is None or not np.isfinite(med) else f"{med:.3g}"
         lines.append(f"| {r['variant']} | {r['row']} | {r['classifier_fd']:.2f} | "
                      f"{r['swd']:.4f} | {r['low_quality_share']:.2f} | {med_s} |")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ Rows (configs/reproduce_mnist.py; the same network and number of training images
   clean_only   EDM on the 50 clean digits only (SFBD's pretraining run for the whole budget)
   noisy        EDM on the corrupted set as given (4,950 noisy, clipped to [-1, 1], + 50 clean)
   sfbd         SFBD: pretrain on the 50, then K backward/forward rounds; one row per round
+  tweediediff  the ambient loss on the noisy data with σ_n = σ_ζ, each noisy image used only at
+               σ > σ_ζ·√(4/3) (Ambient-Omni's mode=ambient, annotation 'fixed'), + the 50 clean
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of generated
 samples against the 5,000 clean originals, PSNR of D^(k) against the originals.
 
@@ -31,7 +33,7 @@ from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
 
-ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd")
+ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "tweediediff")
 
 
 def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float = 1.0):
@@ -57,6 +59,10 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
         c.corrupt.output_dir = os.path.join(out, f"seed{seed}", "clean_only", "data")
     elif row == "noisy":
         c.mode = "edm"
+    elif row == "tweediediff":
+        c.mode = "ambient"
+        c.ambient.annotation, c.ambient.fixed_sigma_min = "fixed", 0.0  # raised to σ_n = σ_ζ
+        c.ambient.known_noise = True
     elif row != "sfbd":
         raise ValueError(f"unknown row {row!r}")
     return c
@@ -85,7 +91,7 @@ def noisy_training_set(config):
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float) -> list[dict]:
     """Train (or resume) one row and return its result rows (one per SFBD round)."""
     from sfbd_jax import evaluate, run
-    from sfbd_jax.methods import sfbd
+    from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
     from sfbd_jax.utils import jsonfile
 
@@ -100,6 +106,11 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float) ->
         run._setup()
         loop.train_and_evaluate(config, workdir, dataset)
         result = evaluate.evaluate(config, workdir, "latest")
+        rows = [{"classifier_fd": result["classifier_fd"], "swd": result["swd"],
+                 "round": None}]
+    elif row == "tweediediff":
+        run.run(config, workdir)
+        result = jsonfile.read_json(os.path.join(workdir, ambient.SUMMARY), {})
         rows = [{"classifier_fd": result["classifier_fd"], "swd": result["swd"],
                  "round": None}]
     else:
@@ -164,6 +175,8 @@ def table(results: list[dict]) -> str:
             label = ("(4) SFBD round 0 = pretrained; PSNR of the noisy set" if k == 0
                      else f"(4) SFBD round {k}")
             add(sigma, label, [r for r in sf if r["round"] == k])
+        add(sigma, "(5) TweedieDiff: ambient loss, σ > 1.155·σ_ζ",
+            [r for r in results if r["row"] == "tweediediff" and r["sigma"] == sigma])
     return "\n".join(lines)
 
 
@@ -187,14 +200,16 @@ def plot_metrics(results: list[dict], path: str) -> None:
                 if pts:
                     ax.plot(*zip(*pts, strict=True), "o-", label=f"SFBD seed {seed}")
             if key != "psnr":
-                for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-.")):
+                for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-."),
+                                   ("tweediediff", "m-")):
                     vals = [r[key] for r in results if r["row"] == row
-                            and (row != "noisy" or r["sigma"] == sigma)]
+                            and (row not in ("noisy", "tweediediff") or r["sigma"] == sigma)]
                     if vals:
                         ax.axhline(np.mean(vals), color=style[0], linestyle=style[1:],
                                    label={"oracle": "oracle (all clean)",
                                           "clean_only": "50 clean only",
-                                          "noisy": "EDM on noisy"}[row])
+                                          "noisy": "EDM on noisy",
+                                          "tweediediff": "TweedieDiff"}[row])
             ax.set_title(f"σ_ζ = {sigma}: {title}")
             ax.set_xlabel("SFBD round k (0 = pretrained on the 50 clean)")
             ax.grid(alpha=0.3)
@@ -219,9 +234,10 @@ def plot_samples(results: list[dict], path: str) -> None:
     for r in results:
         if r["seed"] != seed:
             continue
-        if r["row"] in ("oracle", "noisy"):
+        if r["row"] in ("oracle", "noisy", "tweediediff"):
             png = os.path.join(r["workdir"], "samples", "final.png")
-            label = "oracle" if r["row"] == "oracle" else f"EDM on noisy σ={r['sigma']}"
+            label = {"oracle": "oracle", "noisy": f"EDM on noisy σ={r['sigma']}",
+                     "tweediediff": f"TweedieDiff σ={r['sigma']}"}[r["row"]]
         else:
             png = os.path.join(r["workdir"], "samples", f"round{r['round']}.png")
             label = ("50 clean only" if r["row"] == "clean_only"

@@ -30,7 +30,7 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
         results = json.load(f)
     rows = {(r["row"], r["round"]) for r in results}
     assert rows == {("oracle", None), ("clean_only", 0), ("noisy", None), ("sfbd", 0),
-                    ("sfbd", 1), ("sfbd", 2)}
+                    ("sfbd", 1), ("sfbd", 2), ("tweediediff", None)}
     budgets = {r["train_images"] for r in results}
     assert len(budgets) == 1  # the same training budget for every row
     for r in results:
@@ -38,7 +38,7 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     sfbd_psnr = [r["psnr"] for r in results if r["row"] == "sfbd"]
     assert all(np.isfinite(sfbd_psnr))
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
-                  "(3) EDM on the noisy set", "(4) SFBD round 2"):
+                  "(3) EDM on the noisy set", "(4) SFBD round 2", "(5) TweedieDiff"):
         assert label in text
     for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
                  "mnist_triptych_sigma0.2.png"):

@@ -36,10 +36,11 @@ def annotation_name(method: str, settings: dict) -> str:
 
 
 def summary(sigma_min: np.ndarray) -> dict:
-    """Quantiles of the finite σ_min values and the count of infinite ones (for the log)."""
+    """Quantiles of the finite σ_min values (None when there are none) and the count of
+    infinite ones (for the log and the manifest)."""
     finite = sigma_min[np.isfinite(sigma_min)]
     q = (np.quantile(finite, [0.0, 0.1, 0.5, 0.9, 1.0]).tolist() if finite.size
-         else [float("nan")] * 5)
+         else [None] * 5)
     return {"count": int(sigma_min.size), "infinite": int(sigma_min.size - finite.size),
             "sigma_min_quantiles": dict(zip(("min", "q10", "median", "q90", "max"), q,
                                                     strict=True))}
