@@ -101,7 +101,7 @@ def plot_samples(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3 * len(results), 3.3))
+    fig, axes = plt.subplots(1, len(results), figsize=(3 * len(results), 3.7))
     for ax, r in zip(np.atleast_1d(axes), results, strict=True):
         ax.imshow(np.asarray(Image.open(os.path.join(r["workdir"], "samples", "final.png"))),
                   cmap="gray")

@@ -1,7 +1,10 @@
 """Test set-up: 2 CPU host devices for every test (before JAX initialises its backends), so
 1-device and 2-device meshes can be compared in one process."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -12,6 +15,14 @@ import pytest  # noqa: E402
 from sfbd_jax.utils import devices  # noqa: E402
 
 devices.configure_cpu_devices(2)
+
+# Many tests build the same tiny networks in fresh Experiments (new jitted closures, the same
+# HLO): a persistent compilation cache for the session lets them reuse the compiled programs.
+_CACHE_DIR = tempfile.mkdtemp(prefix="sfbd_jax_test_xla_cache_")
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 
 def tiny_config(image_size: int = 8, channels: int = 1) -> ml_collections.ConfigDict:
