@@ -362,3 +362,29 @@ def test_ambient_benchmark_smoke(tmp_path):
     assert record["method"] == "classifier" and record["classifier"]["steps"] == 40
     assert len(record["mean_probability"]) == len(record["grid"]) == 8
     assert os.listdir(os.path.join(out, "smoke", "ambient_classifier", "annotator"))
+
+
+def test_annotate_command_steps(image_folder, tmp_path):
+    """``python -m sfbd_jax.annotate``'s two steps: the classifier is trained once and cached;
+    the annotation lands in the manifest; a damaged classifier file is reported, not retrained."""
+    from sfbd_jax.annotate import annotate_command
+
+    c = ambient_config(image_folder)
+    c.ambient.annotation = "classifier"
+    for key, value in classifier_config(8).ambient.classifier.items():
+        c.ambient.classifier[key] = value
+    c.ambient.classifier.steps, c.ambient.classifier.batch_size = 10, 16
+    c.ambient.annotate.num_sigmas, c.ambient.annotate.batch_size = 6, 16
+    workdir = str(tmp_path / "w")
+    made = annotate_command(c, workdir, "train_classifier")
+    assert made["classifier"]["steps"] == 10
+    (folder,) = os.listdir(os.path.join(workdir, "annotator"))
+    made = annotate_command(c, workdir, "annotate")  # reuses the cached classifier
+    assert made["annotation"].startswith("classifier-")
+    assert made["record"]["summary"]["count"] == 32
+    assert made["record"]["classifier"] == json.load(
+        open(os.path.join(workdir, "annotator", folder, "meta.json")))
+    with open(os.path.join(workdir, "annotator", folder, "params.msgpack"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="cannot read the noise classifier"):
+        annotate_command(c, workdir, "train_classifier")
