@@ -13,7 +13,9 @@ training images for each):
   ambient_classifier  Ambient-Omni, σ_min per image from the noise-conditional classifier
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of 500 samples
 against the 5,000 clean originals; the low-quality share of the training batches.
-Every row resumes where it stopped. Writes OUT/results.json, OUT/table.md, OUT/samples.png.
+``--seeds 0,1`` repeats the rows with other training seeds (the data and annotations stay the
+same). Every row resumes where it stopped. Writes OUT/results_VARIANT.json, OUT/table_VARIANT.md
+and OUT/samples_VARIANT.png.
 """
 
 from __future__ import annotations
@@ -53,13 +55,17 @@ def row_config(variant: str, row: str, out: str, total_images: int, seed: int = 
     return c
 
 
-def run_row(variant: str, row: str, out: str, total_images: int) -> dict:
+def row_workdir(out: str, variant: str, row: str, seed: int) -> str:
+    return os.path.join(out, variant, row if seed == 0 else os.path.join(f"seed{seed}", row))
+
+
+def run_row(variant: str, row: str, out: str, total_images: int, seed: int = 0) -> dict:
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient
     from sfbd_jax.utils import jsonfile
 
-    config = row_config(variant, row, out, total_images)
-    workdir = os.path.join(out, variant, row)
+    config = row_config(variant, row, out, total_images, seed)
+    workdir = row_workdir(out, variant, row, seed)
     done = os.path.join(workdir, "benchmark_row.json")
     if os.path.exists(done):
         return jsonfile.read_json(done, {})
@@ -70,7 +76,8 @@ def run_row(variant: str, row: str, out: str, total_images: int) -> dict:
         facts = {"low_quality_share": 0.0}
     else:
         result = facts = jsonfile.read_json(os.path.join(workdir, ambient.SUMMARY), {})
-    out_row = {"row": row, "variant": variant, "classifier_fd": result["classifier_fd"],
+    out_row = {"row": row, "variant": variant, "seed": seed,
+               "classifier_fd": result["classifier_fd"],
                "swd": result["swd"], "low_quality_share": facts["low_quality_share"],
                "annotation_summary": facts.get("annotation_summary"),
                "train_images": config.train.total_images, "seconds": time.time() - start,
@@ -79,18 +86,30 @@ def run_row(variant: str, row: str, out: str, total_images: int) -> dict:
     return out_row
 
 
+def _fmt(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
 def table(results: list[dict]) -> str:
+    """One line per (variant, row): mean ± std over the training seeds."""
     lines = ["| corruption | row | classifier FD ↓ | sliced W₁ ↓ | low-quality share of batches "
-             "| σ_min (median) |", "|---|---|---|---|---|---|"]
-    for r in results:
+             "| σ_min (median) | seeds |", "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["variant"], r["row"]) for r in results))
+    for variant, row in keys:
+        group = [r for r in results if (r["variant"], r["row"]) == (variant, row)]
+        r = group[0]
         ann = r.get("annotation_summary") or {}
         med = ann.get("sigma_min_quantiles", {}).get("median")
         if ann and ann["infinite"] == ann["count"]:
             med_s = "∞"
         else:
             med_s = "–" if med is None or not np.isfinite(med) else f"{med:.3g}"
-        lines.append(f"| {r['variant']} | {r['row']} | {r['classifier_fd']:.2f} | "
-                     f"{r['swd']:.4f} | {r['low_quality_share']:.2f} | {med_s} |")
+        seeds = ",".join(str(g.get("seed", 0)) for g in group)
+        lines.append(f"| {variant} | {row} | {_fmt([g['classifier_fd'] for g in group], 2)} | "
+                     f"{_fmt([g['swd'] for g in group], 4)} | {r['low_quality_share']:.2f} | "
+                     f"{med_s} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--total_images", type=int, default=0,
                         help="training images per row (0 = the config's)")
+    parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1 (same data)")
     parser.add_argument("--smoke", action="store_true", help="tiny (the test suite)")
     args = parser.parse_args(argv)
     variant = "smoke" if args.smoke else args.variant
@@ -128,15 +148,18 @@ def main(argv: list[str] | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     start = time.time()
     results = []
-    for row in args.rows.split(","):
-        print(f"[ambient] {variant} {row}", flush=True)
-        results.append(run_row(variant, row, out, args.total_images))
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for row in args.rows.split(","):
+            print(f"[ambient] {variant} seed {seed} {row}", flush=True)
+            results.append(run_row(variant, row, out, args.total_images, seed))
     text = table(results)
     with open(os.path.join(out, f"results_{variant}.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, f"table_{variant}.md"), "w") as f:
         f.write(text + "\n")
-    plot_samples(results, os.path.join(out, f"samples_{variant}.png"))
+    first = min(r.get("seed", 0) for r in results)
+    plot_samples([r for r in results if r.get("seed", 0) == first],
+                 os.path.join(out, f"samples_{variant}.png"))
     print(text)
     print(f"[ambient] done in {time.time() - start:.0f} s; results in {out}")
     return text

@@ -355,7 +355,7 @@ def test_ambient_benchmark_smoke(tmp_path):
     assert result["row"] == "ambient_classifier"
     assert np.isfinite(result["classifier_fd"]) and np.isfinite(result["swd"])
     assert 0.0 < result["low_quality_share"] < 1.0
-    assert "| smoke | ambient_classifier |" in text
+    assert "| smoke | ambient_classifier |" in text and text.rstrip().endswith("| 0 |")
     assert os.path.exists(os.path.join(out, "samples_smoke.png"))
     manifest = prepare.read_manifest(os.path.join(out, "smoke", "data"))
     (record,) = manifest["annotations"].values()
