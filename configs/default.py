@@ -134,6 +134,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.embedding_type = "positional"  # 'positional' (DDPM++) or 'fourier' (NCSN++).
     c.model.emb_mult = 4
     c.model.num_classes = 0  # > 0: class-conditional (labels from the data set).
+    # Conditional models: train with the label replaced by a null class this often, so that
+    # classifier-free guidance (sampler.guidance) can use the unconditional denoiser.
+    c.model.label_dropout = 0.0
+
+    # CEP (condition-embedding perturbation), training only: e = embed(y) + δ, δ fresh per
+    # example, d = model.base_channels (the label embedding width).
+    c.cep = ml_collections.ConfigDict()
+    c.cep.kind = "none"  # 'none', 'uniform' (CEP-U: U(−γ/√d, γ/√d)), 'gaussian' (CEP-G).
+    c.cep.gamma = 1.0
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.sigma_data = 0.5
@@ -149,6 +158,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler.s_tmin = 0.0
     c.sampler.s_tmax = 1e9
     c.sampler.s_noise = 1.0
+    # Classifier-free guidance w: D_∅ + w(D_y − D_∅); 1 = the conditional model as trained,
+    # 0 = unconditional. w != 1 needs model.label_dropout > 0.
+    c.sampler.guidance = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3

@@ -44,6 +44,25 @@ def validate_config(config) -> None:
         raise ValueError(f"config.sampler.num_steps must be >= 2, got {config.sampler.num_steps}")
     if config.sampler.sigma_min >= config.sampler.sigma_max:
         raise ValueError("config.sampler.sigma_min must be below config.sampler.sigma_max")
+    if not 0.0 <= config.model.label_dropout < 1.0:
+        raise ValueError("config.model.label_dropout must lie in [0, 1), got "
+                         f"{config.model.label_dropout}")
+    conditional = config.model.num_classes > 0
+    if config.model.label_dropout > 0 and not conditional:
+        raise ValueError("config.model.label_dropout > 0 needs a class-conditional model "
+                         "(config.model.num_classes > 0)")
+    if config.sampler.guidance != 1.0 and not config.model.label_dropout > 0:
+        raise ValueError(f"config.sampler.guidance={config.sampler.guidance} needs a model "
+                         "trained with label dropout (config.model.label_dropout > 0): the "
+                         "unconditional denoiser is its null class")
+    if config.cep.kind not in ("none", "uniform", "gaussian"):
+        raise ValueError(f"config.cep.kind={config.cep.kind!r} is unknown; known: 'none', "
+                         "'uniform', 'gaussian'")
+    if config.cep.kind != "none" and not conditional:
+        raise ValueError("config.cep.kind perturbs the class embedding: it needs a "
+                         "class-conditional model (config.model.num_classes > 0)")
+    if config.cep.gamma < 0:
+        raise ValueError(f"config.cep.gamma must be >= 0, got {config.cep.gamma}")
     parse_metrics(config.eval.metrics)
     if config.eval.round_num_samples < 0:
         raise ValueError("config.eval.round_num_samples must be >= 0 (0 = no per-round metrics)")

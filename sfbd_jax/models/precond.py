@@ -46,6 +46,30 @@ def make_denoiser(model: nn.Module, sigma_data: float) -> DenoiseFn:
     return denoise
 
 
+def guided_denoiser(denoise: DenoiseFn, scale: float, null_label: int) -> DenoiseFn:
+    """Classifier-free guidance: D_w = D(x; σ, ∅) + w·(D(x; σ, y) − D(x; σ, ∅)), ∅ = the null
+    class ``null_label`` the model learned under label dropout. w = 1 is the conditional model
+    itself (one evaluation), w = 0 the unconditional one; otherwise both in one batch of 2B."""
+    if scale == 1.0:
+        return denoise
+
+    def guided(params: Any, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None,
+               *, train: bool = False, rng: jax.Array | None = None,
+               label_embedding_noise: jax.Array | None = None) -> jax.Array:
+        if labels is None:
+            raise ValueError("classifier-free guidance needs class labels")
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+        null = jnp.full_like(labels, null_label)
+        if scale == 0.0:
+            return denoise(params, x, sigma, null, train=train, rng=rng)
+        both = denoise(params, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
+                       jnp.concatenate([labels, null]), train=train, rng=rng)
+        cond, uncond = jnp.split(both, 2)
+        return uncond + scale * (cond - uncond)
+
+    return guided
+
+
 def init_params(model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int],
                 with_labels: bool) -> Any:
     """Initialise the network's parameters for images of ``image_shape`` = (H, W, C)."""

@@ -135,6 +135,7 @@ class UNet(nn.Module):
     embedding_type: str = "positional"
     emb_mult: int = 4
     num_classes: int = 0
+    null_class: bool = False  # one more embedding row (index num_classes): "no label" (CFG)
 
     @nn.compact
     def __call__(
@@ -152,8 +153,8 @@ class UNet(nn.Module):
             if class_labels is None:
                 raise ValueError("this model is class-conditional (model.num_classes="
                                  f"{self.num_classes}) but no class labels were given")
-            label_emb = nn.Embed(self.num_classes, noise_ch, embedding_init=_XAVIER,
-                                 name="map_label")(class_labels)
+            label_emb = nn.Embed(self.num_classes + int(self.null_class), noise_ch,
+                                 embedding_init=_XAVIER, name="map_label")(class_labels)
             if label_embedding_noise is not None:
                 label_emb = label_emb + label_embedding_noise
             emb = emb + label_emb
@@ -270,4 +271,5 @@ def build_unet(model_config, image_size: int, channels: int) -> UNet:
         embedding_type=model_config.embedding_type,
         emb_mult=model_config.emb_mult,
         num_classes=model_config.num_classes,
+        null_class=model_config.num_classes > 0 and model_config.label_dropout > 0,
     )

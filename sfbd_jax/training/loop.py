@@ -44,7 +44,15 @@ class Experiment:
         self.optimizer = optim.make_optimizer(config.optim, config.train.batch_size)
         self.lr_schedule = optim.warmup_schedule(config.optim.lr, config.optim.warmup_images,
                                                  config.train.batch_size)
-        self.loss_fn = step.edm_loss_fn(self.denoise, config.diffusion)
+        conditional = config.model.num_classes > 0
+        condition = (step.condition_transform(config.model, config.cep) if conditional and (
+            config.model.label_dropout > 0 or config.cep.kind != "none") else None)
+        self.loss_fn = step.edm_loss_fn(self.denoise, config.diffusion, condition)
+        # Sampling never perturbs the condition (CEP is training-only); guidance needs the null
+        # class learned under label dropout.
+        self.sample_denoise = (precond.guided_denoiser(self.denoise, config.sampler.guidance,
+                                                       config.model.num_classes)
+                               if conditional else self.denoise)
         self.train_step = step.make_train_step(self.loss_fn, self.optimizer, config.ema,
                                                self.mesh, config.train.unroll_dispatch)
         self.base_key = jax.random.PRNGKey(config.seed)
@@ -87,7 +95,7 @@ class Experiment:
         cache_key = tuple(sigmas.tolist())
         if cache_key not in self._samplers:
             self._samplers[cache_key] = sampler_lib.make_sharded_sampler(
-                self.denoise, self.mesh, sigmas, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
+                self.sample_denoise, self.mesh, sigmas, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
                 s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
         return self._samplers[cache_key]
 

@@ -25,16 +25,54 @@ Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array], jax.Array]
 
 
-def edm_loss_fn(denoise: DenoiseFn, diffusion_config) -> LossFn:
+def condition_transform(model_config, cep_config):
+    """``(labels, key) -> (labels, δ or None)`` for training batches of a conditional model:
+    label dropout (labels → the null class ``num_classes`` with probability
+    ``model.label_dropout``, for classifier-free guidance) and CEP's embedding perturbation δ
+    (B, d), d = the label embedding width (model.base_channels): U(−γ/√d, γ/√d) for
+    ``cep.kind='uniform'`` (CEP-U), N(0, (γ/√d)²) for 'gaussian' (CEP-G), fresh per example.
+    Training only: the sampler never sees δ."""
+    p_drop = float(model_config.label_dropout)
+    kind, gamma = cep_config.kind, float(cep_config.gamma)
+    d = int(model_config.base_channels)
+    scale = gamma / d**0.5
+
+    def transform(labels, key):
+        k_drop, k_cep = jax.random.split(key)
+        if p_drop > 0:
+            drop = jax.random.uniform(k_drop, labels.shape) < p_drop
+            labels = jnp.where(drop, model_config.num_classes, labels)
+        delta = None
+        if kind == "uniform":
+            delta = jax.random.uniform(k_cep, (labels.shape[0], d), minval=-scale, maxval=scale)
+        elif kind == "gaussian":
+            delta = scale * jax.random.normal(k_cep, (labels.shape[0], d))
+        return labels, delta
+
+    return transform
+
+
+def edm_loss_fn(denoise: DenoiseFn, diffusion_config, condition=None) -> LossFn:
     """loss(params, batch, key) -> mean loss over the batch.
 
     A batch with ``sigma`` (B,) (Ambient-Omni: levels drawn with the examples, see
     data/eligibility.py) gets the ambient loss at those levels, with the examples' known noise
     levels ``sigma_n`` (B,) when present (0 otherwise); a batch of images only gets the EDM loss
-    with σ drawn here.
+    with σ drawn here. ``condition`` (see ``condition_transform``) applies label dropout and
+    CEP to the batch's labels first.
     """
 
     def loss(params, batch, key):
+        if condition is not None and "label" in batch:
+            key, k_cond = jax.random.split(key)
+            labels, delta = condition(batch["label"], k_cond)
+            batch = {**batch, "label": labels}
+            if delta is not None:
+                denoise_fn = lambda *a, **k: denoise(*a, label_embedding_noise=delta, **k)  # noqa: E731
+                return _loss(denoise_fn, params, batch, key)
+        return _loss(denoise, params, batch, key)
+
+    def _loss(denoise, params, batch, key):
         if "sigma" in batch:
             sigma = batch["sigma"]
             per_example = edm.ambient_loss_per_example(

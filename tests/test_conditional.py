@@ -1,0 +1,124 @@
+"""Class-conditional training: label dropout, classifier-free guidance, and CEP's
+condition-embedding perturbation (training only)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from sfbd_jax.config_checks import validate_config
+from sfbd_jax.data.sources import ImageDataset
+from sfbd_jax.models import precond, unet
+from sfbd_jax.training import loop, step
+from sfbd_jax.utils import checkpoints
+
+
+def _model_config(label_dropout=0.0, base_channels=64, num_classes=10):
+    return ml_collections.ConfigDict(dict(label_dropout=label_dropout, num_classes=num_classes,
+                                          base_channels=base_channels))
+
+
+@pytest.mark.parametrize("kind,gamma", [("uniform", 1.0), ("gaussian", 1.0),
+                                        ("uniform", 2.0), ("gaussian", 0.5)])
+def test_cep_perturbation_distribution_and_scale(kind, gamma):
+    d = 64
+    transform = step.condition_transform(_model_config(base_channels=d),
+                                         ml_collections.ConfigDict(dict(kind=kind, gamma=gamma)))
+    labels = jnp.arange(4000) % 10
+    out, delta = jax.jit(transform)(labels, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out, labels)  # no label dropout asked
+    delta = np.asarray(delta)
+    assert delta.shape == (4000, d)
+    scale = gamma / np.sqrt(d)
+    assert abs(delta.mean()) < 0.01 * scale
+    if kind == "uniform":
+        assert delta.min() >= -scale and delta.max() <= scale
+        assert delta.std() == pytest.approx(scale / np.sqrt(3), rel=0.01)
+        assert delta.max() > 0.99 * scale
+    else:
+        assert delta.std() == pytest.approx(scale, rel=0.01)
+    assert not np.allclose(delta[0], delta[1])  # fresh per example
+
+
+def test_label_dropout_replaces_labels_by_the_null_class():
+    transform = step.condition_transform(_model_config(label_dropout=0.3),
+                                         ml_collections.ConfigDict(dict(kind="none", gamma=1.0)))
+    labels = jnp.arange(20000) % 10
+    out, delta = transform(labels, jax.random.PRNGKey(1))
+    out = np.asarray(out)
+    assert delta is None
+    dropped = out == 10
+    assert dropped.mean() == pytest.approx(0.3, abs=0.015)
+    np.testing.assert_array_equal(out[~dropped], np.asarray(labels)[~dropped])
+
+
+def conditional_config():
+    c = tiny_config()
+    c.model.num_classes = 3
+    c.model.label_dropout = 0.2
+    return c
+
+
+def test_guidance_zero_and_one_are_the_unconditional_and_conditional_models():
+    c = conditional_config()
+    model = unet.build_unet(c.model, 8, 1)
+    params = precond.init_params(model, jax.random.PRNGKey(0), (8, 8, 1), True)
+    params = jax.tree.map(lambda p: p + 0.05, params)  # the label path reaches the output
+    denoise = precond.make_denoiser(model, 0.5)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    sigma, labels = jnp.full((4,), 0.7), jnp.array([0, 1, 2, 1])
+    cond = denoise(params, x, sigma, labels)
+    uncond = denoise(params, x, sigma, jnp.full((4,), 3))
+    assert not np.allclose(cond, uncond, atol=1e-4)
+    g = lambda w: precond.guided_denoiser(denoise, w, 3)(params, x, sigma, labels)  # noqa: E731
+    np.testing.assert_allclose(g(1.0), cond, atol=1e-6)
+    np.testing.assert_allclose(g(0.0), uncond, atol=1e-6)
+    np.testing.assert_allclose(g(2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)
+
+
+def test_conditional_training_with_dropout_and_cep_then_guided_sampling(tmp_path):
+    """A few steps with label dropout and CEP-G; the samples of the trained parameters do not
+    depend on CEP (it is never applied at sampling), and guidance 0/1 differ."""
+    c = conditional_config()
+    c.cep.kind = "gaussian"
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32),
+                        (np.arange(32) % 3).astype(np.int32), 3, "labelled")
+    exp = loop.Experiment(c)
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), 2, enable_async=False)
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(str(tmp_path), just_logging=True)
+    state = exp.train(exp.init_state(), data, end_step=4, phase_start_step=0, data_seed=0,
+                      checkpointer=ckpt, writer=writer, workdir=str(tmp_path))
+    ckpt.close()
+    assert np.isfinite(exp.last_scalars["loss"]) and int(state.nonfinite_grads) == 0
+    key, labels = jax.random.PRNGKey(5), np.array([0, 1, 2, 0])
+    samples = exp.generate(state.ema_params, 4, key, labels)
+    plain = c.copy_and_resolve_references()
+    plain.cep.kind = "none"
+    np.testing.assert_array_equal(loop.Experiment(plain).generate(state.ema_params, 4, key,
+                                                                  labels), samples)
+    uncond = c.copy_and_resolve_references()
+    uncond.sampler.guidance = 0.0
+    assert not np.allclose(loop.Experiment(uncond).generate(state.ema_params, 4, key, labels),
+                           samples)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(guidance=2.0), "label dropout"),
+    (dict(cep="uniform", classes=0), "class-conditional"),
+    (dict(cep="laplace"), "cep.kind"),
+    (dict(dropout=0.1, classes=0), "label_dropout > 0 needs"),
+    (dict(dropout=1.0), "label_dropout must lie"),
+])
+def test_bad_conditioning_settings_are_refused(changes, match):
+    c = tiny_config()
+    c.model.num_classes = changes.get("classes", 3)
+    c.model.label_dropout = changes.get("dropout", 0.0)
+    c.sampler.guidance = changes.get("guidance", 1.0)
+    c.cep.kind = changes.get("cep", "none")
+    with pytest.raises(ValueError, match=match):
+        validate_config(c)
