@@ -99,3 +99,20 @@ def test_denoised_set_is_closer_to_the_clean_originals(tmp_path):
     assert mse_noisy == pytest.approx(SIGMA_ZETA**2, rel=0.1)
     assert mse_denoised < 0.95 * mse_noisy
     assert jnp.isfinite(out).all()
+
+
+def test_conditional_denoising_passes_each_images_label(tmp_path, two_devices):
+    """Conditional SFBD: a denoiser that adds its label shows every row got its own label,
+    through padding and sharding over 2 devices."""
+    _, noisy = gaussian_problem(n=13)
+    labels = np.arange(13) % 5
+
+    def labelled(params, x, sigma, y=None, **kw):
+        return 0.0 * x + y.astype(jnp.float32)[:, None, None, None]
+
+    mesh = devices.make_data_mesh(2)
+    sample = sampler.make_sharded_sampler(labelled, mesh, sampler.sigmas_from_level(0.2, 4))
+    _, out = run(tmp_path / "d", noisy, sample, mesh, labels=labels)
+    np.testing.assert_allclose(out[:, 0, 0, 0], labels, atol=1e-5)
+    with pytest.raises(ValueError, match="4 labels for 13 noisy images"):
+        run(tmp_path / "e", noisy, sample, mesh, labels=labels[:4])

@@ -44,17 +44,21 @@ def check_complete(entries: list[dict], num_rows: int) -> None:
 
 
 def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_size: int,
-                shard_size: int, key: jax.Array, settings: dict) -> list[dict]:
+                shard_size: int, key: jax.Array, settings: dict,
+                labels: np.ndarray | None = None) -> list[dict]:
     """Denoise every row of ``noisy`` (N, H, W, C; an array or a lazy ShardedArray) with
     ``sample(params, x, labels, key)`` (e.g. the sharded sampler on ``sigmas_from_level``) into
     shards under ``out_dir``; returns the shard entries (``file``, ``rows``, ``sha256``,
-    ``start``). ``settings`` identifies the pass (round, σ_ζ, grid, …): recorded shards made
+    ``start``). ``labels`` (N,): the class of each row, for a class-conditional model
+    (conditional SFBD). ``settings`` identifies the pass (round, σ_ζ, grid, …): recorded shards made
     with other settings are never reused."""
     devices.check_divisible(batch_size, mesh, "the denoising batch size")
     if shard_size % batch_size:
         raise ValueError(f"denoising shard size {shard_size} must be a multiple of the batch "
                          f"size {batch_size}")
     n = len(noisy)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} noisy images")
     os.makedirs(out_dir, exist_ok=True)
     progress = jsonfile.read_json(os.path.join(out_dir, PROGRESS), {})
     if progress.get("settings") not in (None, settings):
@@ -80,7 +84,12 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
             x = np.asarray(noisy[padded], np.float32)
             x = jax.make_array_from_process_local_data(
                 sharding, x[devices.process_rows(sharding, x.shape, 0)], x.shape)
-            out = sample(params, x, None, jax.random.fold_in(key, b0))
+            y = None
+            if labels is not None:
+                y = np.asarray(labels[padded], np.int32)
+                y = jax.make_array_from_process_local_data(
+                    sharding, y[devices.process_rows(sharding, y.shape, 0)], y.shape)
+            out = sample(params, x, y, jax.random.fold_in(key, b0))
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
 

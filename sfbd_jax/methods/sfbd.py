@@ -180,12 +180,18 @@ class SFBDRun:
                     "batch_size": cfg.denoise_batch_size, "seed": self.config.seed,
                     "model_step": self.end_step(k - 1)}
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1000 + k)
+        labels = None
+        if self.config.model.num_classes > 0:  # conditional SFBD: denoise given each label
+            if noisy.labels is None:
+                raise ValueError("the model is class-conditional but the noisy set has no "
+                                 "labels")
+            labels = noisy.labels
         out_dir = os.path.join(self.workdir, "denoised", f"round_{k}")
         entries = backward.denoise_set(sample, state.ema_params, noisy.images, out_dir,
                                        mesh=self.experiment.mesh,
                                        batch_size=cfg.denoise_batch_size,
                                        shard_size=cfg.denoise_shard_size, key=key,
-                                       settings=settings)
+                                       settings=settings, labels=labels)
         return shards.read_all(out_dir, entries)
 
     def _finish_round(self, k, state, rounds_ckpt, writer, summary, denoised) -> list:
