@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.subset = 0  # mnist5k/folder: a seeded random subset of this many images; 0 = all.
     c.data.subset_seed = 0
     c.data.random_flip = False  # horizontal flips at batch time (seeded per step).
+    # mode=edm: train on the clean group of the prepared data set of config.corrupt instead
+    # (e.g. corrupt.clean_fraction=1 with corrupt.label_flip=η: clean images, noisy labels).
+    c.data.use_prepared = False
 
     # The once-corrupted data set (python -m sfbd_jax.data.prepare --config ...).
     c.corrupt = ml_collections.ConfigDict()
@@ -42,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.corrupt.length = 5  # motion_blur: kernel length in pixels.
     c.corrupt.angle_deg = 0.0  # motion_blur: direction.
     c.corrupt.folder = ""  # folder: a directory of low-quality images (resized as config.data).
+    # Condition corruption: flip this fraction η of the labels (clean and corrupted images
+    # alike) to another class drawn from the class prior; 0 = none.
+    c.corrupt.label_flip = 0.0
+    c.corrupt.label_flip_seed = 0
     c.corrupt.dtype = "float32"  # storage of the noisy values: float32 or float16.
     c.corrupt.shard_size = 10_000  # images per shard.
 

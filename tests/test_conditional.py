@@ -122,3 +122,44 @@ def test_bad_conditioning_settings_are_refused(changes, match):
     c.cep.kind = changes.get("cep", "none")
     with pytest.raises(ValueError, match=match):
         validate_config(c)
+
+
+def test_label_flip_in_the_prepared_data_and_edm_training_set(tmp_path):
+    """corrupt.label_flip = η: exactly round(η·N) labels change, never to their own class,
+    seeded, recorded in the manifest; mode=edm with data.use_prepared trains on them."""
+    from sfbd_jax.data import prepare, shards
+    from sfbd_jax.data.prepared import PreparedDataset
+    from sfbd_jax.data.sources import load_source
+
+    c = tiny_config(image_size=28)
+    c.data.subset = 200
+    c.corrupt.clean_count, c.corrupt.clean_fraction = 0, 1.0  # every image clean
+    c.corrupt.label_flip, c.corrupt.label_flip_seed = 0.1, 3
+    c.data.use_prepared = True
+    dataset = loop.edm_dataset(c, str(tmp_path / "run"))
+    data_dir = str(tmp_path / "run" / "data")
+    manifest = prepare.read_manifest(data_dir)
+    assert manifest["counts"] == {"source": 200, "clean": 200, "noisy": 0}
+    record = manifest["label_flip"]
+    assert record["eta"] == 0.1 and record["seed"] == 3 and record["flipped"] == 20
+    source = load_source(c.data)
+    changed = np.flatnonzero(dataset.labels != source.labels)
+    flipped = shards.read_shard(data_dir, record["flipped_indices"])
+    np.testing.assert_array_equal(changed, flipped)  # exactly the recorded ones, all changed
+    np.testing.assert_array_equal(shards.read_shard(data_dir, record["original_labels"]),
+                                  source.labels[flipped])
+    np.testing.assert_array_equal(dataset.images, source.images)  # images untouched
+    assert len(PreparedDataset(data_dir).clean()) == 200
+    c.corrupt.label_flip_seed = 4  # another seed is another data set: refused in place
+    with pytest.raises(FileExistsError, match="label_flip"):
+        loop.edm_dataset(c, str(tmp_path / "run"))
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    c.data.source, c.data.folder, c.data.subset = "folder", str(tmp_path / "imgs"), 0
+    # A folder has no labels to flip.
+    c.corrupt.output_dir = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="labelled data source"):
+        prepare.prepare(c)

@@ -14,7 +14,9 @@ from fold_in(PRNGKey(noise_seed), i): the same whatever the shard size. Noisy va
 unclipped (float32, or float16 with its rounding error recorded in the manifest). With
 ``corrupt.type='folder'`` the low-quality group is the images of ``corrupt.folder`` as they are
 (indices counting on after the source's), the non-clean part of the source is left out and
-there are no eval_only originals. The source is
+there are no eval_only originals. ``corrupt.label_flip`` = η flips round(η·N) labels of the
+source (seeded by ``corrupt.label_flip_seed``; the flipped indices and original labels go to
+eval_only/). The source is
 streamed chunk by chunk; at most one shard per output is held in memory. Preparing again with
 the same settings is a no-op; other settings refuse to overwrite.
 """
@@ -53,7 +55,12 @@ def settings_record(config) -> dict:
     source = {k: config.data[k] for k in SOURCE_KEYS}
     if config.data.subset:  # recorded only when used: older manifests stay valid
         source.update(subset=int(config.data.subset), subset_seed=int(config.data.subset_seed))
-    return {
+    extra = {}
+    if c.label_flip:  # likewise
+        if not 0.0 < c.label_flip < 1.0:
+            raise ValueError(f"config.corrupt.label_flip must lie in [0, 1), got {c.label_flip}")
+        extra["label_flip"] = {"eta": float(c.label_flip), "seed": int(c.label_flip_seed)}
+    return {**extra,
         "source": source,
         "split_seed": int(c.split_seed),
         "noise_seed": int(c.noise_seed),
@@ -119,6 +126,21 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _flip_labels(record: dict, source_labels: list, num_examples: int, num_classes: int
+                 ) -> dict | None:
+    """Condition corruption (corrupt.label_flip = η): round(η·N) labels of the source, chosen
+    with the seed, each moved to another class drawn from the class prior
+    (corruptions.corrupt_labels). None when η = 0."""
+    if "label_flip" not in record:
+        return None
+    if not source_labels or sum(len(y) for y in source_labels) != num_examples:
+        raise ValueError("config.corrupt.label_flip > 0 needs a labelled data source")
+    original = np.concatenate(source_labels).astype(np.int64)
+    labels, flipped = corruptions.corrupt_labels(original, record["label_flip"]["eta"],
+                                                 num_classes, record["label_flip"]["seed"])
+    return {"labels": labels, "flipped": flipped, "original": original}
+
+
 def _write_folder(config, chunk: int, writer: _ShardWriter, first_index: int) -> int:
     """Stream the images of corrupt.folder (resized like config.data) into ``writer``, indexed
     from ``first_index`` on (after the source's); returns how many."""
@@ -173,7 +195,14 @@ def prepare(config) -> dict:
     os.makedirs(tmp)
     chunk = max(min(int(config.corrupt.shard_size), 4096), 1)
     name, num_classes, chunks = sources.iter_source(config.data, chunk)
-    num_examples = sum(len(x) for x, _ in chunks)  # a counting pass (streams, holds nothing)
+    # A counting pass (streams; holds only the labels).
+    source_labels = []
+    num_examples = 0
+    for x, y in chunks:
+        num_examples += len(x)
+        if y is not None:
+            source_labels.append(np.asarray(y))
+    flip = _flip_labels(record, source_labels, num_examples, num_classes)
     clean_idx, noisy_idx = split_indices(num_examples, record["clean_count"],
                                          record["clean_fraction"], record["split_seed"])
     is_clean = np.zeros(num_examples, bool)
@@ -191,6 +220,8 @@ def prepare(config) -> dict:
         index = np.arange(offset, offset + len(images))
         offset += len(images)
         c, n = is_clean[index], ~is_clean[index]
+        if flip is not None:
+            labels = flip["labels"][index]
         extra = {} if labels is None else {"labels": labels[c]}
         if c.any():
             clean_w.add(images=images[c], indices=index[c], **extra)
@@ -223,6 +254,13 @@ def prepare(config) -> dict:
         "shards": {"clean": clean_w.close(), "noisy": noisy_w.close(),
                    "eval_only": eval_w.close()},
     }
+    if flip is not None:  # which labels were flipped, from what: for diagnostics only
+        changed = np.flatnonzero(flip["flipped"])
+        manifest["label_flip"] = {
+            **record["label_flip"], "flipped": int(changed.size),
+            "flipped_indices": shards.write_shard(tmp, "eval_only/flipped_indices.npy", changed),
+            "original_labels": shards.write_shard(tmp, "eval_only/original_labels.npy",
+                                                  flip["original"][changed])}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     if os.path.exists(out):

@@ -219,6 +219,29 @@ def num_steps(config) -> int:
     return steps - steps % cfg.steps_per_dispatch
 
 
+def edm_dataset(config, workdir: str) -> sources.ImageDataset:
+    """The training set of ``mode=edm``: the clean data set of config.data, or with
+    ``data.use_prepared`` the clean group of the prepared data set of config.corrupt (prepared
+    first, into ``workdir/data`` when corrupt.output_dir is empty), e.g. every image clean with
+    a fraction of flipped labels (corrupt.clean_fraction=1, corrupt.label_flip=η)."""
+    if not config.data.use_prepared:
+        return sources.load_source(config.data)
+    from sfbd_jax.data import prepare
+    from sfbd_jax.data.prepared import PreparedDataset
+
+    if not config.corrupt.output_dir:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.corrupt.output_dir = os.path.join(os.path.abspath(workdir), "data")
+    if jax.process_index() == 0:
+        prepare.prepare(config)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("prepare")
+    return PreparedDataset(config.corrupt.output_dir).clean()
+
+
 def train_and_evaluate(config, workdir: str,
                        dataset: sources.ImageDataset | None = None) -> TrainState:
     """Plain EDM training (config.mode == 'edm'): train on the clean data set of config.data
@@ -228,7 +251,7 @@ def train_and_evaluate(config, workdir: str,
     experiment = Experiment(config)
     write_run_config(config, workdir)
     if dataset is None:
-        dataset = sources.load_source(config.data)
+        dataset = edm_dataset(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             config.train.max_checkpoints,
