@@ -219,3 +219,27 @@ def test_classifier_is_trained_once_then_loaded_from_cache(tmp_path):
     unlabelled = sources.ImageDataset(subset.images, None, 0, "nolabels")
     with pytest.raises(ValueError, match="needs a labelled data set"):
         classifier.train(cfg, unlabelled)
+
+
+def test_per_class_classifier_fd_and_sample_accuracy(tmp_path):
+    """Conditional samples: the per-class Fréchet distance of the reference digits given their
+    own labels is 0; given wrong labels (every label moved to the next class) it is large."""
+    from sfbd_jax.utils import devices
+
+    data = sources.load_mnist5k()
+    keep = np.arange(0, 5000, 10)
+    reference = sources.ImageDataset(data.images[keep], data.labels[keep], 10, "mnist500")
+    c = tiny_config(image_size=28)
+    c.eval.metrics, c.eval.cache_dir, c.eval.batch_size = "classifier_fd", str(tmp_path), 50
+    for key, value in _classifier_config().items():
+        c.eval.classifier[key] = value
+    ev = evaluator.Evaluator(c, devices.make_data_mesh(), reference)
+    right = ev.evaluate(reference.images, reference.labels)
+    wrong = ev.evaluate(reference.images, (reference.labels + 1) % 10)
+    assert len(right["classifier_fd_per_class"]) == 10
+    assert right["classifier_fd_class_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert right["classifier_fd"] == pytest.approx(0.0, abs=1e-6)
+    assert wrong["classifier_fd_class_mean"] > 1.0
+    assert wrong["classifier_fd"] == pytest.approx(0.0, abs=1e-6)  # overall: same images
+    assert right["sample_class_accuracy"] > 0.3 > wrong["sample_class_accuracy"]
+    assert "classifier_fd_per_class" not in ev.evaluate(reference.images)  # unconditional

@@ -83,8 +83,14 @@ class Evaluator:
                                  for e in self.extractors}
 
     # ----- reference --------------------------------------------------------------------
+    def _per_class(self, extractor: features.Extractor) -> bool:
+        """Per-class reference statistics: for the classifier's features of labelled data."""
+        return extractor.name == "classifier" and self.reference.labels is not None
+
     def _load_or_compute_reference(self, extractor: features.Extractor) -> dict:
         key = f"{extractor.name}-{extractor.fingerprint}-{_images_digest(self.reference.images)}"
+        if self._per_class(extractor):
+            key += "-perclass"
         path = os.path.join(self.cache_dir, "reference", key + ".npz")
         if os.path.exists(path):
             try:
@@ -98,6 +104,8 @@ class Evaluator:
         start = time.time()
         feats = extractor.features(self.reference.images)
         stats = _summarise(feats, self.config.eval.kid_reference_max)
+        if self._per_class(extractor):
+            stats.update(_class_stats(feats, self.reference.labels, self.reference.num_classes))
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = path + ".tmp.npz"
@@ -134,6 +142,8 @@ class Evaluator:
                 if labels is not None and extractor.predict is not None:
                     result["sample_class_accuracy"] = float(
                         np.mean(extractor.predict(images) == np.asarray(labels)))
+                if labels is not None and "class_mu" in ref:
+                    result.update(_per_class_fd(feats, np.asarray(labels), ref))
             result.update(extractor.info)
         if "swd" in self.metrics:
             result["swd"] = distances.sliced_wasserstein(
@@ -175,6 +185,43 @@ def _summarise(feats: np.ndarray, keep: int) -> dict:
         feats = feats[np.sort(np.random.default_rng(0).choice(len(feats), keep, replace=False))]
     return {"mu": mu, "cov": cov, "features": feats.astype(np.float32),
             "count": np.asarray(stats.count)}
+
+
+def _class_stats(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Per-class feature mean (K, D) and covariance (K, D, D) of the reference."""
+    mus, covs, counts = [], [], []
+    for k in range(num_classes):
+        sel = feats[np.asarray(labels) == k]
+        stats = distances.FeatureStats(feats.shape[1])
+        if len(sel):
+            stats.update(sel)
+        mu, cov = stats.mean_cov() if len(sel) > 1 else (np.zeros(feats.shape[1]),
+                                                         np.zeros((feats.shape[1],) * 2))
+        mus.append(mu)
+        covs.append(cov)
+        counts.append(len(sel))
+    return {"class_mu": np.stack(mus), "class_cov": np.stack(covs),
+            "class_count": np.asarray(counts)}
+
+
+def _per_class_fd(feats: np.ndarray, labels: np.ndarray, ref: dict) -> dict:
+    """Classifier-feature Fréchet distance of the samples of each class against the reference
+    images of that class, and their mean over the classes with ≥ 2 samples and references
+    (with few samples per class the covariance is noisy: compare rows at equal counts)."""
+    per_class = []
+    for k in range(len(ref["class_mu"])):
+        sel = feats[labels == k]
+        if len(sel) < 2 or ref["class_count"][k] < 2:
+            per_class.append(None)
+            continue
+        stats = distances.FeatureStats(feats.shape[1])
+        stats.update(sel)
+        mu, cov = stats.mean_cov()
+        per_class.append(distances.frechet_distance(mu, cov, ref["class_mu"][k],
+                                                    ref["class_cov"][k]))
+    valid = [v for v in per_class if v is not None]
+    return {"classifier_fd_per_class": per_class,
+            "classifier_fd_class_mean": float(np.mean(valid)) if valid else float("nan")}
 
 
 def write_result(workdir: str, tag: str, result: dict) -> str:
