@@ -14,7 +14,8 @@ CASES = [("default", None), ("mnist_edm", None), ("demo", None), ("cifar10_sfbd"
          ("celeba64_sfbd", "sigma1.38"), ("ambient_mnist", "blur"), ("ambient_mnist", "jpeg"),
          ("ambient_mnist", "motion"), ("ambient_mnist", "noise"), ("ambient_mnist", "smoke"),
          ("ambient_cifar10", "blur0.4"), ("ambient_cifar10", "blur1.0"),
-         ("ambient_cifar10", "jpeg")]
+         ("ambient_cifar10", "jpeg"), ("cep_mnist", "clean"), ("cep_mnist", "flip20"),
+         ("cep_mnist", "cep_u"), ("cep_mnist", "cep_g"), ("cep_mnist", "smoke")]
 
 
 @pytest.mark.parametrize("name,variant", CASES)
@@ -24,7 +25,8 @@ def test_config_builds(name, variant):
     validate_config(c)
     model = unet.build_unet(c.model, c.data.image_size, c.data.channels)
     shape = (c.data.image_size, c.data.image_size, c.data.channels)
-    params = jax.eval_shape(lambda k: precond.init_params(model, k, shape, False),
+    params = jax.eval_shape(lambda k: precond.init_params(model, k, shape,
+                                                          c.model.num_classes > 0),
                             jax.random.PRNGKey(0))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) > 0
     if name.endswith("_sfbd"):
