@@ -35,10 +35,8 @@ def annotate_command(config, workdir: str, step: str) -> dict:
     from sfbd_jax.utils import devices
 
     run._setup()
-    config = ambient.with_data_dir(config, workdir)
-    if jax.process_index() == 0:
-        prepare_lib.prepare(config)
-    ambient._sync("prepare")
+    config = prepare_lib.with_output_dir(config, workdir)
+    prepare_lib.prepare_on_main_process(config)
     mesh = devices.make_data_mesh()
     os.makedirs(workdir, exist_ok=True)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

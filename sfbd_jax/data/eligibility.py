@@ -109,10 +109,6 @@ class EligibleSampler:
         """Examples with σ_max > σ (a prefix of the descending σ_max order)."""
         return np.searchsorted(self._neg_sigma_max_sorted, -np.asarray(sigma), side="left")
 
-    def eligible(self, sigma: float) -> np.ndarray:
-        """(N,) bools: which examples may be trained at ``sigma``."""
-        return (self.threshold < sigma) | (self.annotations.sigma_max > sigma)
-
     def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(σ (n,) float32, indices (n,) int64): σ from the training distribution conditioned
         on a non-empty eligible set, each index uniform over the examples eligible at its σ."""

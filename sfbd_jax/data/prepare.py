@@ -34,6 +34,7 @@ from absl import logging
 
 from sfbd_jax import corruptions
 from sfbd_jax.data import shards, sources
+from sfbd_jax.utils import devices
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -269,6 +270,23 @@ def prepare(config) -> dict:
     logging.info("Prepared %s: %d clean + %d corrupted images in %s", name,
                  len(clean_idx), len(noisy_idx), out)
     return manifest
+
+
+def with_output_dir(config, workdir: str):
+    """``config`` with corrupt.output_dir defaulting to ``workdir/data`` (a copy when changed)."""
+    if config.corrupt.output_dir:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.corrupt.output_dir = os.path.join(os.path.abspath(workdir), "data")
+    return config
+
+
+def prepare_on_main_process(config) -> None:
+    """``prepare`` on process 0 while the other processes wait for it."""
+    if jax.process_index() == 0:
+        prepare(config)
+    devices.sync_processes("prepare")
 
 
 def main(argv):

@@ -41,28 +41,10 @@ from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.methods import noise_classifier
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
-from sfbd_jax.utils import checkpoints, jsonfile
+from sfbd_jax.utils import checkpoints, devices, jsonfile
 
 SUMMARY = "ambient_summary.json"
 ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude")
-
-
-def _sync(name: str) -> None:
-    """Wait for process 0's files (multi-host)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def with_data_dir(config, workdir: str):
-    """``config`` with corrupt.output_dir defaulting to ``workdir/data``."""
-    if config.corrupt.output_dir:
-        return config
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.corrupt.output_dir = os.path.join(os.path.abspath(workdir), "data")
-    return config
 
 
 def known_noise_level(config, manifest: dict) -> float:
@@ -94,7 +76,7 @@ def train_classifier(config, workdir: str, mesh, writer=None) -> tuple[dict, dic
                  len(clean), len(bad))
     params, meta = noise_classifier.train(config, clean, bad.images, mesh, writer)
     noise_classifier.save(directory, params, meta)
-    _sync("noise_classifier")
+    devices.sync_processes("noise_classifier")
     logging.info("Noise classifier saved in %s (final BCE %.4f, accuracy %.3f).", directory,
                  meta["final_bce"], meta["final_accuracy"])
     return params, meta
@@ -178,7 +160,7 @@ def annotate(config, workdir: str, mesh, writer=None) -> str:
         info = {"classifier": meta, "grid": grid.tolist(),
                 "mean_probability": probs.mean(axis=0).tolist()}
     annotations_lib.save(data_dir, method, settings, arrays, info)
-    _sync("annotations")
+    devices.sync_processes("annotations")
     record = annotations_lib.record(data_dir, name)
     logging.info("Annotation %s of %d low-quality images: %s", name, n, record["summary"])
     return name
@@ -229,15 +211,13 @@ def low_quality_share(sampler: eligibility.EligibleSampler, n_clean: int, seed: 
 def run_ambient(config, workdir: str) -> TrainState:
     """Entry for config.mode == 'ambient' (see the module docstring)."""
     workdir = os.path.abspath(workdir)
-    config = with_data_dir(config, workdir)
+    config = prepare_lib.with_output_dir(config, workdir)
     experiment = loop.Experiment(config)
     evaluator = (evaluator_lib.Evaluator(config, experiment.mesh)
                  if config.eval.round_num_samples > 0 else None)
     eligibility.safety_factor(config.ambient.s_max)  # a bad s_max fails before any work
     loop.write_run_config(config, workdir)
-    if jax.process_index() == 0:
-        prepare_lib.prepare(config)
-    _sync("prepare")
+    prepare_lib.prepare_on_main_process(config)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     dataset, ann, facts = training_set(config, workdir, experiment.mesh, writer)
     d = config.diffusion

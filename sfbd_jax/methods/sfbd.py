@@ -97,10 +97,7 @@ class SFBDRun:
     def run(self) -> TrainState:
         config, exp = self.config, self.experiment
         loop.write_run_config(config, self.workdir)
-        if config.corrupt.output_dir == "":
-            config = config.copy_and_resolve_references()
-            with config.unlocked():
-                config.corrupt.output_dir = self.data_dir
+        config = prepare_lib.with_output_dir(config, self.workdir)  # self.data_dir
         prepare_lib.prepare(config)  # a no-op when already prepared with these settings
         data = PreparedDataset(self.data_dir)
         clean = data.clean()

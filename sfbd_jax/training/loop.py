@@ -229,16 +229,8 @@ def edm_dataset(config, workdir: str) -> sources.ImageDataset:
     from sfbd_jax.data import prepare
     from sfbd_jax.data.prepared import PreparedDataset
 
-    if not config.corrupt.output_dir:
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.corrupt.output_dir = os.path.join(os.path.abspath(workdir), "data")
-    if jax.process_index() == 0:
-        prepare.prepare(config)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("prepare")
+    config = prepare.with_output_dir(config, workdir)
+    prepare.prepare_on_main_process(config)
     return PreparedDataset(config.corrupt.output_dir).clean()
 
 

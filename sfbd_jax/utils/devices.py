@@ -78,3 +78,11 @@ def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: i
         starts.append(sl.start or 0)
         stops.append(global_shape[axis] if sl.stop is None else sl.stop)
     return slice(min(starts), max(stops))
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across processes (no-op with one): e.g. wait until process 0 wrote a file."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
