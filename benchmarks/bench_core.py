@@ -80,7 +80,7 @@ def main(argv):
     dataset = sources.load_source(config.data)
     batches = pipeline.TrainBatches(dataset, config.train.batch_size,
                                     config.train.steps_per_dispatch, config.seed, mesh,
-                                    config.model.num_classes > 0)
+                                    config.model.num_classes)
     state = exp.init_state()
     batch = batches.get(0)
     t = time.perf_counter()

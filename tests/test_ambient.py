@@ -84,7 +84,7 @@ def test_ambient_batches_never_train_below_sigma_min():
     mesh = devices.make_data_mesh()
     batches = eligibility.AmbientBatches(
         ImageDataset(images, None, 0, "indexed"), ann, s_max=4.0, p_mean=-1.2, p_std=1.2,
-        batch_size=64, steps_per_dispatch=2, seed=3, mesh=mesh, use_labels=False)
+        batch_size=64, steps_per_dispatch=2, seed=3, mesh=mesh, num_classes=0)
     for step in range(0, 40, 2):
         b = batches.get(step)
         assert set(b) == {"image", "sigma", "sigma_n"}
@@ -94,7 +94,7 @@ def test_ambient_batches_never_train_below_sigma_min():
         np.testing.assert_array_equal(np.asarray(b["sigma_n"]), ann.sigma_n[index])
     again = eligibility.AmbientBatches(
         ImageDataset(images, None, 0, "indexed"), ann, s_max=4.0, p_mean=-1.2, p_std=1.2,
-        batch_size=64, steps_per_dispatch=2, seed=3, mesh=mesh, use_labels=False).get(38)
+        batch_size=64, steps_per_dispatch=2, seed=3, mesh=mesh, num_classes=0).get(38)
     np.testing.assert_array_equal(np.asarray(again["sigma"]), sigma)  # pure in (seed, step)
 
 

@@ -79,7 +79,7 @@ def test_random_flip_is_seeded_and_global(two_devices):
     data = ImageDataset(images, None, 0, "t")
     outs = []
     for n in (1, 2):
-        b = pipeline.TrainBatches(data, 8, 1, 0, devices.make_data_mesh(n), False,
+        b = pipeline.TrainBatches(data, 8, 1, 0, devices.make_data_mesh(n), 0,
                                   random_flip=True)
         outs.append(np.asarray(b.get(0)["image"]))
     np.testing.assert_array_equal(outs[0], outs[1])

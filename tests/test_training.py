@@ -38,7 +38,7 @@ def run_steps(config, mesh, num_steps, dataset=None):
     exp = experiment(config, mesh)
     state = exp.init_state()
     batches = pipeline.TrainBatches(dataset or tiny_dataset(), config.train.batch_size,
-                                    config.train.steps_per_dispatch, config.seed, mesh, False)
+                                    config.train.steps_per_dispatch, config.seed, mesh, 0)
     k = config.train.steps_per_dispatch
     for s in range(0, num_steps, k):
         state, _ = exp.train_step(state, batches.get(s))

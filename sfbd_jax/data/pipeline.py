@@ -37,6 +37,23 @@ def validate_images(images: np.ndarray, expected_shape: tuple[int, int, int], na
                          "[-1, 1]; images must be scaled as uint8 / 127.5 - 1")
 
 
+def validate_labels(labels: np.ndarray | None, num_classes: int, name: str) -> None:
+    """Raise a clear error unless ``labels`` are integer class indices in [0, num_classes) for
+    a model with ``num_classes`` classes (out-of-range indices would read past the label
+    embedding table)."""
+    if labels is None:
+        raise ValueError(f"the model is class-conditional (config.model.num_classes = "
+                         f"{num_classes}) but data set {name!r} has no labels")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"data set {name!r}: labels must be a 1-D integer array, got "
+                         f"{labels.dtype} of shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"data set {name!r}: labels span [{labels.min()}, {labels.max()}] but "
+                         f"the model has config.model.num_classes = {num_classes} classes "
+                         f"(labels must lie in [0, {num_classes - 1}])")
+
+
 class BatchIndexer:
     """Example indices of global batch ``step`` (see the module docstring)."""
 
@@ -75,15 +92,16 @@ def flip_mask(seed: int, step: int, batch_size: int) -> np.ndarray:
 class TrainBatches:
     """Stacks of ``steps_per_dispatch`` global batches as sharded arrays over ``mesh``.
 
-    Each host gathers only the rows its devices hold.
+    Each host gathers only the rows its devices hold. Batches carry ``label`` when the
+    model is class-conditional (``num_classes`` > 0, the labels checked against it).
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, steps_per_dispatch: int,
-                 seed: int, mesh, use_labels: bool, random_flip: bool = False):
+                 seed: int, mesh, num_classes: int, random_flip: bool = False):
         devices.check_divisible(batch_size, mesh)
-        if use_labels and dataset.labels is None:
-            raise ValueError(f"the model is class-conditional but data set {dataset.name!r} "
-                             "has no labels")
+        use_labels = num_classes > 0
+        if use_labels:
+            validate_labels(dataset.labels, num_classes, dataset.name)
         self.dataset = dataset
         self.indexer = BatchIndexer(len(dataset), batch_size, seed)
         self.steps_per_dispatch = steps_per_dispatch

@@ -224,7 +224,7 @@ def run_ambient(config, workdir: str) -> TrainState:
     batches = eligibility.AmbientBatches(
         dataset, ann, s_max=config.ambient.s_max, p_mean=d.p_mean, p_std=d.p_std,
         batch_size=config.train.batch_size, steps_per_dispatch=config.train.steps_per_dispatch,
-        seed=config.seed, mesh=experiment.mesh, use_labels=config.model.num_classes > 0,
+        seed=config.seed, mesh=experiment.mesh, num_classes=config.model.num_classes,
         random_flip=config.data.random_flip)
     facts["low_quality_share"] = low_quality_share(batches.sampler, facts["clean"], config.seed)
     logging.info("Ambient-Omni: %d clean + %d low-quality images (annotation %s, σ_n = %g); "

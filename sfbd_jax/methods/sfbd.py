@@ -26,8 +26,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from sfbd_jax.data import pipeline, shards
 from sfbd_jax.data import prepare as prepare_lib
-from sfbd_jax.data import shards
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.diffusion import sampler as sampler_lib
@@ -179,9 +179,7 @@ class SFBDRun:
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1000 + k)
         labels = None
         if self.config.model.num_classes > 0:  # conditional SFBD: denoise given each label
-            if noisy.labels is None:
-                raise ValueError("the model is class-conditional but the noisy set has no "
-                                 "labels")
+            pipeline.validate_labels(noisy.labels, self.config.model.num_classes, "noisy")
             labels = noisy.labels
         out_dir = os.path.join(self.workdir, "denoised", f"round_{k}")
         entries = backward.denoise_set(sample, state.ema_params, noisy.images, out_dir,

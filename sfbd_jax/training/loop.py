@@ -149,7 +149,7 @@ class Experiment:
                                      check_values=isinstance(dataset.images, np.ndarray))
             batches = pipeline.TrainBatches(dataset, cfg.batch_size, cfg.steps_per_dispatch,
                                             data_seed, self.mesh,
-                                            use_labels=self.config.model.num_classes > 0,
+                                            num_classes=self.config.model.num_classes,
                                             random_flip=self.config.data.random_flip)
         step_now = int(state.step)
         if (end_step - phase_start_step) % cfg.steps_per_dispatch:
