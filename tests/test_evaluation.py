@@ -242,4 +242,9 @@ def test_per_class_classifier_fd_and_sample_accuracy(tmp_path):
     assert wrong["classifier_fd_class_mean"] > 1.0
     assert wrong["classifier_fd"] == pytest.approx(0.0, abs=1e-6)  # overall: same images
     assert right["sample_class_accuracy"] > 0.3 > wrong["sample_class_accuracy"]
+    # Features and classes come from one sharded pass; the classes are the classifier's own.
+    clf = classifier.load_or_train(c.eval.classifier, reference, str(tmp_path))
+    assert clf.meta["cached"] is True
+    assert right["sample_class_accuracy"] == pytest.approx(
+        float(np.mean(clf.predict(reference.images) == reference.labels)))
     assert "classifier_fd_per_class" not in ev.evaluate(reference.images)  # unconditional

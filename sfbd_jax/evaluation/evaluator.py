@@ -126,7 +126,11 @@ class Evaluator:
         result: dict = {"num_samples": int(len(images)),
                         "reference_count": int(len(self.reference))}
         for extractor in self.extractors:
-            feats = extractor.features(images)
+            predicted = None
+            if labels is not None and extractor.features_and_classes is not None:
+                feats, predicted = extractor.features_and_classes(images)  # one pass
+            else:
+                feats = extractor.features(images)
             ref = self._reference_stats[extractor.name]
             stats = _summarise(feats, cfg.kid_reference_max)
             fd = distances.frechet_distance(stats["mu"], stats["cov"], ref["mu"], ref["cov"])
@@ -139,9 +143,9 @@ class Evaluator:
                         subset_size=cfg.kid_subset_size, seed=cfg.reference_seed)
             else:
                 result["classifier_fd"] = fd
-                if labels is not None and extractor.predict is not None:
+                if predicted is not None:
                     result["sample_class_accuracy"] = float(
-                        np.mean(extractor.predict(images) == np.asarray(labels)))
+                        np.mean(predicted == np.asarray(labels)))
                 if labels is not None and "class_mu" in ref:
                     result.update(_per_class_fd(feats, np.asarray(labels), ref))
             result.update(extractor.info)

@@ -19,30 +19,27 @@ from sfbd_jax.evaluation import inception
 from sfbd_jax.utils import devices
 
 
-def sharded_apply(apply_fn: Callable, variables, mesh, batch_size: int
-                  ) -> Callable[[np.ndarray], np.ndarray]:
+def sharded_apply(apply_fn: Callable, variables, mesh, batch_size: int) -> Callable:
     """``images -> apply_fn(variables, images)`` over host arrays of any length: fixed-size
     batches (the last one padded, so one compilation) split over ``mesh``'s ``data`` axis.
-    ``apply_fn`` may return an array or a tuple whose first element is used."""
+    ``apply_fn`` returns an array or a tuple of arrays, each with the batch as leading axis;
+    the result has the same structure, as host arrays."""
     devices.check_divisible(batch_size, mesh, "config.eval.batch_size")
     batch = devices.batch_sharding(mesh)
-
-    def first(variables, images):
-        out = apply_fn(variables, images)
-        return out[0] if isinstance(out, tuple) else out
-
-    jitted = jax.jit(first, in_shardings=(devices.replicated(mesh), batch), out_shardings=batch)
+    jitted = jax.jit(apply_fn, in_shardings=(devices.replicated(mesh), batch),
+                     out_shardings=batch)
     variables = jax.device_put(variables, devices.replicated(mesh))
 
-    def run(images: np.ndarray) -> np.ndarray:
+    def run(images: np.ndarray):
         outs = []
         for start in range(0, len(images), batch_size):
             chunk = np.asarray(images[start:start + batch_size], np.float32)
             padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
                                                      np.float32)])
-            out = jitted(variables, jax.device_put(padded, batch))
-            outs.append(np.asarray(jax.device_get(out))[:len(chunk)])
-        return np.concatenate(outs)
+            out = jax.device_get(jitted(variables, jax.device_put(padded, batch)))
+            n = len(chunk)
+            outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out))
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
     return run
 
@@ -50,14 +47,16 @@ def sharded_apply(apply_fn: Callable, variables, mesh, batch_size: int
 @dataclasses.dataclass(frozen=True)
 class Extractor:
     """name: 'inception' | 'classifier'; fingerprint: identifies the weights (cache key);
-    features: images → (N, dim); info: facts to report (e.g. the classifier's accuracy)."""
+    features: images → (N, dim); info: facts to report (e.g. the classifier's accuracy);
+    features_and_classes: images → ((N, dim) features, (N,) predicted classes) in one pass, for
+    extractors that classify."""
 
     name: str
     dim: int
     fingerprint: str
     features: Callable[[np.ndarray], np.ndarray]
     info: dict
-    predict: Callable[[np.ndarray], np.ndarray] | None = None
+    features_and_classes: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def inception_extractor(weights_path: str, mesh, batch_size: int) -> Extractor:
@@ -73,8 +72,13 @@ def classifier_extractor(cfg, reference: ImageDataset, cache_dir: str, mesh,
                          batch_size: int) -> Extractor:
     """Penultimate features of the classifier trained (once, cached) on ``reference``."""
     clf = classifier_lib.load_or_train(cfg, reference, cache_dir)
-    run = sharded_apply(clf.apply, clf.params, mesh, batch_size)
-    logits = sharded_apply(lambda p, x: clf.apply(p, x)[1], clf.params, mesh, batch_size)
+    run = sharded_apply(lambda p, x: clf.apply(p, x)[0], clf.params, mesh, batch_size)
+
+    def with_classes(params, images):
+        feats, logits = clf.apply(params, images)
+        return feats, jax.numpy.argmax(logits, axis=-1)
+
+    both = sharded_apply(with_classes, clf.params, mesh, batch_size)
     return Extractor("classifier", cfg.feature_dim, classifier_lib.fingerprint(cfg, reference),
                      run, {"classifier_test_accuracy": clf.meta["test_accuracy"]},
-                     predict=lambda images: np.argmax(logits(images), axis=-1))
+                     features_and_classes=both)
