@@ -4,7 +4,8 @@
 ``--checkpoint``: ``latest`` (the newest state under DIR/checkpoints), ``step:N`` (that step) or
 ``round:K`` (an SFBD run's state after round K, kept under DIR/rounds). The EMA parameters
 generate ``config.eval.num_samples`` images (batch-sharded over all devices, progress logged);
-the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json and TensorBoard.
+the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json (``<tag>_guidance<w>`` for a
+conditional model sampled with guidance w ≠ 1) and TensorBoard.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
     workdir = os.path.abspath(workdir)
     experiment = loop.Experiment(config)
     params, step, tag = load_params(experiment, workdir, checkpoint)
+    if config.model.num_classes > 0 and config.sampler.guidance != 1.0:
+        tag += f"_guidance{config.sampler.guidance:g}"  # beside, not over, the plain result
     evaluator = evaluator_lib.Evaluator(config, experiment.mesh)
     logging.info("Evaluating %s (training step %d) with %d samples: %s.", tag, step,
                  config.eval.num_samples, ", ".join(evaluator.metrics))

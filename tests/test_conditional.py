@@ -178,9 +178,15 @@ def test_cep_benchmark_smoke(tmp_path):
     text = cep_mnist.main(["--out", str(tmp_path), "--smoke"])
     (row,) = json.load(open(tmp_path / "results.json"))
     assert row["label_flip"] == 0.1 and row["cep"] == "gaussian"
-    for key in ("classifier_fd", "classifier_fd_class_mean", "sample_class_accuracy", "swd"):
-        assert np.isfinite(row[key]), key
-    assert "| smoke | 10.0% | gaussian |" in text
+    assert set(row["by_guidance"]) == {"1", "2"}
+    for metrics in row["by_guidance"].values():
+        for key in ("classifier_fd", "classifier_fd_class_mean", "sample_class_accuracy",
+                    "swd"):
+            assert np.isfinite(metrics[key]), key
+    assert metrics != row["by_guidance"]["1"]  # guided samples differ
+    evals = sorted(os.listdir(tmp_path / "seed0" / "smoke" / "eval"))
+    assert len(evals) == 2 and evals[1].endswith("_guidance2.json"), evals
+    assert "| smoke | 10.0% | gaussian | 1 |" in text and "| smoke | 10.0% | gaussian | 2 |" in text
 
 
 def test_labels_outside_the_model_classes_are_refused():

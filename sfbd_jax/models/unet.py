@@ -153,8 +153,12 @@ class UNet(nn.Module):
             if class_labels is None:
                 raise ValueError("this model is class-conditional (model.num_classes="
                                  f"{self.num_classes}) but no class labels were given")
-            label_emb = nn.Embed(self.num_classes + int(self.null_class), noise_ch,
-                                 embedding_init=_XAVIER, name="map_label")(class_labels)
+            # EDM's map_label(one_hot(y) · √num_classes): a Xavier-initialised table scaled by
+            # √num_classes, so the label embedding starts (and learns) at the noise
+            # embedding's scale instead of ~3× below it.
+            table = nn.Embed(self.num_classes + int(self.null_class), noise_ch,
+                             embedding_init=_XAVIER, name="map_label")
+            label_emb = table(class_labels) * math.sqrt(self.num_classes)
             if label_embedding_noise is not None:
                 label_emb = label_emb + label_embedding_noise
             emb = emb + label_emb
