@@ -4,8 +4,9 @@
 ``--checkpoint``: ``latest`` (the newest state under DIR/checkpoints), ``step:N`` (that step) or
 ``round:K`` (an SFBD run's state after round K, kept under DIR/rounds). The EMA parameters
 generate ``config.eval.num_samples`` images (batch-sharded over all devices, progress logged);
-the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json (``<tag>_guidance<w>`` for a
-conditional model sampled with guidance w ≠ 1) and TensorBoard.
+the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json and TensorBoard (``eval/``).
+A conditional model sampled with guidance w ≠ 1 is recorded beside the plain result, in
+DIR/eval/<tag>_guidance<w>.json and under ``eval_guidance<w>/``.
 """
 
 from __future__ import annotations
@@ -58,18 +59,23 @@ def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
     """Evaluate one checkpoint of the run in ``workdir``; returns (and records) the metrics."""
     workdir = os.path.abspath(workdir)
     experiment = loop.Experiment(config)
-    params, step, tag = load_params(experiment, workdir, checkpoint)
-    if config.model.num_classes > 0 and config.sampler.guidance != 1.0:
-        tag += f"_guidance{config.sampler.guidance:g}"  # beside, not over, the plain result
+    params, step, checkpoint_tag = load_params(experiment, workdir, checkpoint)
+    # A guided evaluation is recorded beside, not over, the plain one (file and TensorBoard).
+    conditional = config.model.num_classes > 0
+    suffix = (f"_guidance{config.sampler.guidance:g}"
+              if conditional and config.sampler.guidance != 1.0 else "")
+    tag = checkpoint_tag + suffix
     evaluator = evaluator_lib.Evaluator(config, experiment.mesh)
     logging.info("Evaluating %s (training step %d) with %d samples: %s.", tag, step,
                  config.eval.num_samples, ", ".join(evaluator.metrics))
     result = evaluator.evaluate_model(experiment, params, config.eval.num_samples,
                                       evaluator_lib.evaluation_key(config))
-    result.update(checkpoint=tag, step=step)
+    result.update(checkpoint=checkpoint_tag, step=step)
+    if conditional:
+        result["guidance"] = float(config.sampler.guidance)
     path = evaluator_lib.write_result(workdir, tag, result)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()
+    writer.write_scalars(step, {f"eval{suffix}/{k}": v for k, v in result.items()
                                 if isinstance(v, float)})
     writer.flush()
     logging.info("Evaluation of %s: %s (written to %s)", tag,

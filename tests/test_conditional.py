@@ -186,6 +186,8 @@ def test_cep_benchmark_smoke(tmp_path):
     assert metrics != row["by_guidance"]["1"]  # guided samples differ
     evals = sorted(os.listdir(tmp_path / "seed0" / "smoke" / "eval"))
     assert len(evals) == 2 and evals[1].endswith("_guidance2.json"), evals
+    guided = json.load(open(tmp_path / "seed0" / "smoke" / "eval" / evals[1]))
+    assert guided["guidance"] == 2.0 and guided["checkpoint"] == evals[0][:-len(".json")]
     assert "| smoke | 10.0% | gaussian | 1 |" in text and "| smoke | 10.0% | gaussian | 2 |" in text
 
 
