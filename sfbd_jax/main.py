@@ -13,7 +13,13 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, sampl
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM or "
-                  "multi-node GPU: coordinator and process ids come from the environment).")
+                  "multi-node GPU: coordinator and process ids come from the environment, "
+                  "or from the three flags below).")
+flags.DEFINE_string("coordinator_address", None,
+                    "--distributed by hand (e.g. localhost:12345): process 0's address; with "
+                    "--num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "--distributed by hand: the number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed by hand: this process, 0-based.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train: run config.mode (edm / sfbd); eval: metrics of a checkpoint.")
 flags.DEFINE_string("checkpoint", "latest",
@@ -24,13 +30,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv, mode: str | None = None):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-
     from sfbd_jax.utils import devices
 
     devices.configure_cpu_devices(FLAGS.config.num_cpu_devices)
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        devices.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                       FLAGS.process_id)
     from sfbd_jax import run
 
     if (mode or FLAGS.mode) == "eval":

@@ -43,6 +43,9 @@ def run(config, workdir: str):
     """Run the job ``config.mode`` in ``workdir``; returns the final training state."""
     _setup()
     os.makedirs(workdir, exist_ok=True)
+    from sfbd_jax.utils import devices
+
+    devices.check_shared_directory(workdir)
     if config.mode == "edm":
         from sfbd_jax.training import loop
 

@@ -28,7 +28,8 @@ def sharded_apply(apply_fn: Callable, variables, mesh, batch_size: int) -> Calla
     batch = devices.batch_sharding(mesh)
     jitted = jax.jit(apply_fn, in_shardings=(devices.replicated(mesh), batch),
                      out_shardings=batch)
-    variables = jax.device_put(variables, devices.replicated(mesh))
+    variables = jax.tree.map(lambda v: devices.put_global(v, devices.replicated(mesh)),
+                             jax.device_get(variables))
 
     def run(images: np.ndarray):
         outs = []
@@ -36,9 +37,9 @@ def sharded_apply(apply_fn: Callable, variables, mesh, batch_size: int) -> Calla
             chunk = np.asarray(images[start:start + batch_size], np.float32)
             padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
                                                      np.float32)])
-            out = jax.device_get(jitted(variables, jax.device_put(padded, batch)))
+            out = jitted(variables, devices.put_global(padded, batch))
             n = len(chunk)
-            outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out))
+            outs.append(jax.tree.map(lambda a, n=n: devices.to_host(a)[:n], out))
         return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
     return run

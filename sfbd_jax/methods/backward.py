@@ -65,6 +65,9 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
         raise FileExistsError(f"{out_dir} holds a denoising pass with other settings "
                               f"({progress['settings']}); refusing to mix them")
     done = {e["start"]: e for e in progress.get("shards", [])}
+    # Every process must take the same decisions below (which shards to redo): none may start
+    # before all have read the record that process 0 is about to extend.
+    devices.sync_processes(f"denoise-start:{out_dir}")
     sharding = devices.batch_sharding(mesh)
     entries = []
     for start in range(0, n, shard_size):
@@ -81,32 +84,28 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
         for b0 in range(start, stop, batch_size):
             rows = np.arange(b0, min(b0 + batch_size, stop))
             padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
-            x = np.asarray(noisy[padded], np.float32)
+            # Each process reads (from the memory-mapped shards) only its devices' rows.
+            local = padded[devices.process_rows(sharding, (batch_size,), 0)]
             x = jax.make_array_from_process_local_data(
-                sharding, x[devices.process_rows(sharding, x.shape, 0)], x.shape)
+                sharding, np.asarray(noisy[local], np.float32), (batch_size, *noisy.shape[1:]))
             y = None
             if labels is not None:
-                y = np.asarray(labels[padded], np.int32)
                 y = jax.make_array_from_process_local_data(
-                    sharding, y[devices.process_rows(sharding, y.shape, 0)], y.shape)
+                    sharding, np.asarray(labels[local], np.int32), (batch_size,))
             out = sample(params, x, y, jax.random.fold_in(key, b0))
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                out = multihost_utils.process_allgather(out, tiled=True)
-            outputs.append(np.asarray(out)[: len(rows)])
+            outputs.append(devices.to_host(out)[: len(rows)])
         denoised = np.concatenate(outputs)
         if len(denoised) != stop - start:
             raise CountCheckError(f"rows {start}..{stop - 1}: denoised {len(denoised)} images")
-        if jax.process_index() == 0:
+        if jax.process_index() == 0:  # written once; the others read the record below
             entry = shards.write_shard(out_dir, f"denoised-{start:09d}.npy", denoised)
-        else:
-            entry = {"file": f"denoised-{start:09d}.npy", "rows": len(denoised)}
-        entry["start"] = start
-        entries.append(entry)
-        if jax.process_index() == 0:
+            entry["start"] = start
+            entries.append(entry)
             jsonfile.write_json(os.path.join(out_dir, PROGRESS),
                                 {"settings": settings, "shards": entries})
         logging.info("Denoised %d / %d noisy images.", stop, n)
+    if jax.process_count() > 1:
+        devices.sync_processes(f"denoise-end:{out_dir}")
+        entries = jsonfile.read_json(os.path.join(out_dir, PROGRESS), {})["shards"]
     check_complete(entries, n)
     return entries

@@ -98,7 +98,7 @@ class SFBDRun:
         config, exp = self.config, self.experiment
         loop.write_run_config(config, self.workdir)
         config = prepare_lib.with_output_dir(config, self.workdir)  # self.data_dir
-        prepare_lib.prepare(config)  # a no-op when already prepared with these settings
+        prepare_lib.prepare_on_main_process(config)  # a no-op when already prepared
         data = PreparedDataset(self.data_dir)
         clean = data.clean()
         noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()

@@ -106,13 +106,14 @@ class Experiment:
         n_dev = self.mesh.devices.size
         padded = -(-num // n_dev) * n_dev
         k_noise, k_churn = jax.random.split(key)
-        x = jax.random.normal(k_noise, (padded, *self.image_shape)) * sigmas[0]
-        x = jax.device_put(x, devices.batch_sharding(self.mesh))
+        sharding = devices.batch_sharding(self.mesh)
+        x = jax.jit(lambda k: jax.random.normal(k, (padded, *self.image_shape)) * sigmas[0],
+                    out_shardings=sharding)(k_noise)
         if labels is not None:
-            labels = jax.device_put(np.resize(np.asarray(labels, np.int32), padded),
-                                    devices.batch_sharding(self.mesh))
+            labels = devices.put_global(np.resize(np.asarray(labels, np.int32), padded),
+                                        sharding)
         out = self.sampler(sigmas)(params, x, labels, k_churn)
-        return np.asarray(jax.device_get(out))[:num]
+        return devices.to_host(out)[:num]
 
     def sample_labels(self, num: int) -> np.ndarray | None:
         """Class labels 0, 1, 2, … for a sample grid of a conditional model (None otherwise)."""

@@ -80,6 +80,60 @@ def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: i
     return slice(min(starts), max(stops))
 
 
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize``: with no arguments the coordinator, process count and id
+    come from the cluster environment (Cloud TPU, SLURM, Open MPI, Kubernetes, or the
+    ``JAX_COORDINATOR_ADDRESS`` variable); give all three to run several processes by hand, e.g.
+    on localhost. On the CPU platform, processes exchange data through gloo collectives
+    (``jax_cpu_collectives_implementation``)."""
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("give all of coordinator_address, num_processes and process_id, or none "
+                         "of them (to detect them from the cluster environment)")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full, placed with ``sharding``: each process
+    transfers only the slices its own devices hold (works across hosts)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host sharded) array on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def check_shared_directory(directory: str) -> None:
+    """With several processes, check that ``directory`` is one file system seen by all of them
+    (an NFS or gcsfuse mount): checkpoints, data shards and run records are written once, by
+    process 0 or by Orbax's coordinated save, and read by every process."""
+    if jax.process_count() == 1:
+        return
+    token = os.path.join(directory, ".shared_directory_check")
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        with open(token, "w") as f:
+            f.write(str(os.getpid()))
+    sync_processes("shared-directory-written")
+    seen = os.path.exists(token)
+    sync_processes("shared-directory-read")
+    if jax.process_index() == 0:
+        os.remove(token)
+    if not seen:
+        raise RuntimeError(
+            f"process {jax.process_index()} cannot see files that process 0 wrote in "
+            f"{directory}: a multi-host run needs a --workdir on a file system shared by every "
+            "host (NFS, Filestore, or a GCS bucket mounted with gcsfuse at the same path)")
+
+
 def sync_processes(name: str) -> None:
     """Barrier across processes (no-op with one): e.g. wait until process 0 wrote a file."""
     if jax.process_count() > 1:
