@@ -1,5 +1,5 @@
 """Multi-host for real: 2 processes on localhost (CPU backend, 2 host devices each, gloo
-collectives) run a tiny SFBD round through ``python -m sfbd_jax.main --distributed`` and must
+collectives), started by ``launch/local.sh --processes 2``, run a tiny SFBD round and must
 produce the parameters and denoised set of a 1-process run on the same 4-device mesh."""
 
 import os
@@ -24,20 +24,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(workdir, *extra):
-    return [sys.executable, "-m", "sfbd_jax.main", "--config", "configs/sfbd_smoke.py",
-            "--workdir", str(workdir), *OVERRIDES, *extra]
-
-
-def _run(commands, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _launch(workdir, *options):
+    """launch/local.sh with the test's Python; returns the processes' logs."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)  # the device count comes from config.num_cpu_devices
-    procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for c in commands]
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
-    return outputs
+    proc = subprocess.run(["bash", "launch/local.sh", *options, "configs/sfbd_smoke.py",
+                           str(workdir), *OVERRIDES], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    logs_dir = workdir / "logs"
+    logs = ([(logs_dir / name).read_text() for name in sorted(os.listdir(logs_dir))]
+            if logs_dir.exists() else [proc.stdout + proc.stderr])
+    assert proc.returncode == 0, "\n".join(log[-3000:] for log in logs) + proc.stderr[-3000:]
+    return logs
 
 
 def _round_state(workdir, k):
@@ -56,11 +54,10 @@ def _round_state(workdir, k):
 
 def test_two_processes_match_one_process(tmp_path):
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
-    _run([_command(one, "--config.num_cpu_devices=4")])
-    port = _free_port()
-    logs = _run([_command(two, "--config.num_cpu_devices=2", "--distributed",
-                          f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                          f"--process_id={i}") for i in range(2)])
+    _launch(one, "--devices-per-process", "4")
+    logs = _launch(two, "--processes", "2", "--devices-per-process", "2", "--port",
+                   str(_free_port()))
+    assert len(logs) == 2
     for i, log in enumerate(logs):
         assert f"process {i}/2" in log
     # One data set, one denoised set and one checkpoint series, written once.
