@@ -144,6 +144,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Conditional models: train with the label replaced by a null class this often, so that
     # classifier-free guidance (sampler.guidance) can use the unconditional denoiser.
     c.model.label_dropout = 0.0
+    # Mixed precision: 'bfloat16' runs convolutions, matmuls and activations in bf16 with
+    # float32 parameters, optimiser, loss and preconditioning (skip path c_skip·x); 'float32'
+    # runs everything in float32.
+    c.model.compute_dtype = "float32"
 
     # CEP (condition-embedding perturbation), training only: e = embed(y) + δ, δ fresh per
     # example, d = model.base_channels (the label embedding width).

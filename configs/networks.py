@@ -9,7 +9,7 @@ def ddpmpp_cifar10() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         base_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
         dropout=0.13, channels_per_head=64, embedding_type="positional", emb_mult=4,
-        num_classes=0, label_dropout=0.0))
+        num_classes=0, label_dropout=0.0, compute_dtype="float32"))
 
 
 def ncsnpp_celeba64() -> ml_collections.ConfigDict:
@@ -18,4 +18,4 @@ def ncsnpp_celeba64() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         base_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=4, attn_resolutions=(16,),
         dropout=0.05, channels_per_head=64, embedding_type="fourier", emb_mult=4,
-        num_classes=0, label_dropout=0.0))
+        num_classes=0, label_dropout=0.0, compute_dtype="float32"))

@@ -44,6 +44,9 @@ def validate_config(config) -> None:
         raise ValueError(f"config.sampler.num_steps must be >= 2, got {config.sampler.num_steps}")
     if config.sampler.sigma_min >= config.sampler.sigma_max:
         raise ValueError("config.sampler.sigma_min must be below config.sampler.sigma_max")
+    if config.model.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError("config.model.compute_dtype must be 'float32' or 'bfloat16' (mixed "
+                         f"precision), got {config.model.compute_dtype!r}")
     if not 0.0 <= config.model.label_dropout < 1.0:
         raise ValueError("config.model.label_dropout must lie in [0, 1), got "
                          f"{config.model.label_dropout}")

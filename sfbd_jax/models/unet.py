@@ -1,5 +1,9 @@
 """DDPM++ / NCSN++-style U-Net in Flax linen (the layout of EDM's ``SongUNet``).
 
+``dtype`` is the compute dtype of convolutions, dense layers, attention and activations
+(``jnp.bfloat16`` for mixed precision); parameters are always float32, group-norm statistics,
+the softmax and the noise embedding are computed in float32.
+
 Input ``x``: (B, H, W, C) float; ``noise_labels``: (B,) float (EDM's c_noise = ln(σ)/4);
 optional ``class_labels``: (B,) int in [0, num_classes). Output: (B, H, W, out_channels).
 The label embedding is added to the noise embedding before the embedding MLP; CEP adds its
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,8 +27,9 @@ _OUT_INIT = nn.initializers.variance_scaling(0.04, "fan_avg", "uniform")
 _XAVIER = nn.initializers.xavier_uniform()
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, max(channels // 4, 1)), epsilon=1e-6)
+def _group_norm(channels: int, dtype: Any = jnp.float32) -> nn.GroupNorm:
+    """Group norm (statistics in float32 whatever ``dtype``, the output's dtype)."""
+    return nn.GroupNorm(num_groups=min(32, max(channels // 4, 1)), epsilon=1e-6, dtype=dtype)
 
 
 def _downsample(x: jax.Array) -> jax.Array:
@@ -69,16 +75,22 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention over the spatial positions, with a residual connection."""
 
     channels_per_head: int = 64
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         heads = max(c // self.channels_per_head, 1)
-        qkv = nn.Conv(3 * c, (1, 1), kernel_init=_XAVIER, name="qkv")(_group_norm(c)(x))
+        qkv = nn.Conv(3 * c, (1, 1), kernel_init=_XAVIER, dtype=self.dtype,
+                      name="qkv")(_group_norm(c, self.dtype)(x))
         q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c), 3, axis=-1)
         split = lambda t: t.reshape(b, h * w, heads, c // heads)
-        a = nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, h, w, c)
-        a = nn.Conv(c, (1, 1), kernel_init=_ZERO, name="proj")(a)
+        # Softmax in float32, both matmuls in the compute dtype.
+        weights = nn.dot_product_attention_weights(split(q), split(k), dtype=self.dtype,
+                                                   force_fp32_for_softmax=True)
+        a = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), split(v))
+        a = a.reshape(b, h, w, c)
+        a = nn.Conv(c, (1, 1), kernel_init=_ZERO, dtype=self.dtype, name="proj")(a)
         return (x + a) * _SKIP_SCALE
 
 
@@ -92,26 +104,30 @@ class UNetBlock(nn.Module):
     down: bool = False
     attention: bool = False
     channels_per_head: int = 64
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
         skip = x
-        h = nn.silu(_group_norm(in_channels)(x))
+        h = nn.silu(_group_norm(in_channels, self.dtype)(x))
         if self.up:
             h, skip = _upsample(h), _upsample(skip)
         if self.down:
             h, skip = _downsample(h), _downsample(skip)
-        h = nn.Conv(self.out_channels, (3, 3), kernel_init=_XAVIER, name="conv0")(h)
-        h = h + nn.Dense(self.out_channels, kernel_init=_XAVIER, name="affine")(emb)[:, None, None]
-        h = nn.silu(_group_norm(self.out_channels)(h))
+        conv = lambda ch, k, init, name: nn.Conv(  # noqa: E731
+            ch, (k, k), kernel_init=init, dtype=self.dtype, name=name)
+        h = conv(self.out_channels, 3, _XAVIER, "conv0")(h)
+        h = h + nn.Dense(self.out_channels, kernel_init=_XAVIER, dtype=self.dtype,
+                         name="affine")(emb)[:, None, None]
+        h = nn.silu(_group_norm(self.out_channels, self.dtype)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.out_channels, (3, 3), kernel_init=_ZERO, name="conv1")(h)
+        h = conv(self.out_channels, 3, _ZERO, "conv1")(h)
         if self.out_channels != in_channels or self.up or self.down:
-            skip = nn.Conv(self.out_channels, (1, 1), kernel_init=_XAVIER, name="skip")(skip)
-        x = (h + skip) * _SKIP_SCALE
+            skip = conv(self.out_channels, 1, _XAVIER, "skip")(skip)
+        x = (h + skip.astype(h.dtype)) * _SKIP_SCALE
         if self.attention:
-            x = SelfAttention(self.channels_per_head, name="attn")(x)
+            x = SelfAttention(self.channels_per_head, self.dtype, name="attn")(x)
         return x
 
 
@@ -136,6 +152,7 @@ class UNet(nn.Module):
     emb_mult: int = 4
     num_classes: int = 0
     null_class: bool = False  # one more embedding row (index num_classes): "no label" (CFG)
+    dtype: Any = jnp.float32  # compute dtype (bfloat16: mixed precision); parameters float32
 
     @nn.compact
     def __call__(
@@ -162,9 +179,10 @@ class UNet(nn.Module):
             if label_embedding_noise is not None:
                 label_emb = label_emb + label_embedding_noise
             emb = emb + label_emb
-        emb = _embedding_mlp(emb, self.base_channels * self.emb_mult)
+        emb = _embedding_mlp(emb, self.base_channels * self.emb_mult, self.dtype)
         block = lambda ch, name, **kw: UNetBlock(  # noqa: E731
-            ch, dropout=self.dropout, channels_per_head=self.channels_per_head, name=name, **kw)
+            ch, dropout=self.dropout, channels_per_head=self.channels_per_head,
+            dtype=self.dtype, name=name, **kw)
         h, skips = _encoder(self, x, emb, train, block)
         channels = h.shape[-1]
 
@@ -182,8 +200,9 @@ class UNet(nn.Module):
                 h = block(channels, f"dec{res}_block{i}",
                           attention=i == self.num_blocks and res in self.attn_resolutions,
                           )(h, emb, train)
-        h = nn.silu(_group_norm(channels)(h))
-        return nn.Conv(self.out_channels, (3, 3), kernel_init=_OUT_INIT, name="out_conv")(h)
+        h = nn.silu(_group_norm(channels, self.dtype)(h))
+        return nn.Conv(self.out_channels, (3, 3), kernel_init=_OUT_INIT, dtype=self.dtype,
+                       name="out_conv")(h)
 
 
 def _noise_embedding(embedding_type: str, channels: int, noise_labels: jax.Array) -> jax.Array:
@@ -196,10 +215,10 @@ def _noise_embedding(embedding_type: str, channels: int, noise_labels: jax.Array
                      f"got {embedding_type!r}")
 
 
-def _embedding_mlp(emb: jax.Array, channels: int) -> jax.Array:
+def _embedding_mlp(emb: jax.Array, channels: int, dtype: Any = jnp.float32) -> jax.Array:
     """Two SiLU dense layers (``map_layer0/1``) from the summed embeddings."""
-    emb = nn.silu(nn.Dense(channels, kernel_init=_XAVIER, name="map_layer0")(emb))
-    return nn.silu(nn.Dense(channels, kernel_init=_XAVIER, name="map_layer1")(emb))
+    dense = lambda name: nn.Dense(channels, kernel_init=_XAVIER, dtype=dtype, name=name)  # noqa: E731
+    return nn.silu(dense("map_layer1")(nn.silu(dense("map_layer0")(emb))))
 
 
 def _encoder(net, x: jax.Array, emb: jax.Array, train: bool, block
@@ -213,7 +232,8 @@ def _encoder(net, x: jax.Array, emb: jax.Array, train: bool, block
     for level, mult in enumerate(net.channel_mult):
         res = net.image_size >> level
         if level == 0:
-            h = nn.Conv(channels, (3, 3), kernel_init=_XAVIER, name=f"enc{res}_conv")(h)
+            h = nn.Conv(channels, (3, 3), kernel_init=_XAVIER, dtype=getattr(net, "dtype", None),
+                        name=f"enc{res}_conv")(h)
         else:
             h = block(channels, f"enc{res}_down", down=True)(h, emb, train)
         skips.append(h)
@@ -276,4 +296,13 @@ def build_unet(model_config, image_size: int, channels: int) -> UNet:
         emb_mult=model_config.emb_mult,
         num_classes=model_config.num_classes,
         null_class=model_config.num_classes > 0 and model_config.label_dropout > 0,
+        dtype=compute_dtype(model_config.compute_dtype),
     )
+
+
+def compute_dtype(name: str) -> Any:
+    """``config.model.compute_dtype`` ('float32' | 'bfloat16') as a jnp dtype."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"model.compute_dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
