@@ -13,7 +13,9 @@ Rows (configs/reproduce_mnist.py; the same network and number of training images
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of generated
 samples against the 5,000 clean originals, PSNR of D^(k) against the originals.
 
-``--plan`` lists seed:variant pairs (default: seed 0 for σ_ζ = 0.2 and 0.59, seed 1 for 0.2).
+``--plan`` lists seed:variant pairs (default: seed 0 for σ_ζ = 0.2 and 0.59, seed 1 for 0.2);
+``--rows`` picks rows (default all); ``--compute_dtype bfloat16`` trains every row with mixed
+precision (config.model.compute_dtype; use a new --out) to measure its effect on quality.
 Every run resumes where it stopped; re-running the command only redoes what is missing.
 Writes OUT/results.json, OUT/table.md and the figures OUT/*.png.
 """
@@ -36,12 +38,14 @@ from sfbd_jax.utils import devices  # noqa: E402
 ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "tweediediff")
 
 
-def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float = 1.0):
+def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float = 1.0,
+               compute_dtype: str = "float32"):
     """The config of one row: configs/reproduce_mnist.py with the row's mode and data;
     ``budget_scale`` multiplies every training length (e.g. 10 on a GPU)."""
     from configs import reproduce_mnist
 
     c = reproduce_mnist.get_config(variant)
+    c.model.compute_dtype = compute_dtype
     if budget_scale != 1.0:
         scale = lambda n: int(round(n * budget_scale / c.train.batch_size)) * c.train.batch_size  # noqa: E731
         c.sfbd.pretrain_images = scale(c.sfbd.pretrain_images)
@@ -88,14 +92,15 @@ def noisy_training_set(config):
     return ImageDataset(images.astype(np.float32), None, 0, "noisy+clean")
 
 
-def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float) -> list[dict]:
+def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
+            compute_dtype: str = "float32") -> list[dict]:
     """Train (or resume) one row and return its result rows (one per SFBD round)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
     from sfbd_jax.utils import jsonfile
 
-    config = row_config(variant, seed, row, out, budget_scale)
+    config = row_config(variant, seed, row, out, budget_scale, compute_dtype)
     workdir = row_workdir(out, seed, variant, row)
     done_path = os.path.join(workdir, "reproduce_row.json")
     if os.path.exists(done_path):
@@ -125,21 +130,26 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float) ->
     for r in rows:
         r.update(row=row, seed=seed, sigma=None if row in ("oracle", "clean_only")
                  else config.corrupt.sigma, variant=variant, seconds=seconds,
-                 train_images=config.train.total_images, workdir=workdir)
+                 train_images=config.train.total_images, workdir=workdir,
+                 compute_dtype=compute_dtype)
     jsonfile.write_json(done_path, rows)
     return rows
 
 
-def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0) -> list[dict]:
+def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
+            rows: tuple[str, ...] = ROW_ORDER, compute_dtype: str = "float32") -> list[dict]:
+    unknown = set(rows) - set(ROW_ORDER)
+    if unknown:
+        raise ValueError(f"unknown rows {sorted(unknown)}; known: {ROW_ORDER}")
     results, seen = [], set()
     for seed, variant in plan:
-        for row in ROW_ORDER:
+        for row in (r for r in ROW_ORDER if r in rows):
             key = (seed, row) if row in ("oracle", "clean_only") else (seed, variant, row)
             if key in seen:
                 continue
             seen.add(key)
             print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
-            results.extend(run_row(variant, seed, row, out, budget_scale))
+            results.extend(run_row(variant, seed, row, out, budget_scale, compute_dtype))
     return results
 
 
@@ -334,6 +344,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--smoke", action="store_true", help="tiny budgets (the test suite)")
     parser.add_argument("--budget_scale", type=float, default=1.0,
                         help="multiply every training length (use a new --out)")
+    parser.add_argument("--rows", default=",".join(ROW_ORDER),
+                        help=f"comma-separated rows to run, of {','.join(ROW_ORDER)}")
+    parser.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="config.model.compute_dtype of every row (use a new --out)")
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
@@ -341,7 +355,8 @@ def main(argv: list[str] | None = None) -> str:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     start = time.time()
-    text = report(collect(plan, out, args.budget_scale), out)
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype), out)
     print(text)
     print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
     return text
