@@ -61,8 +61,8 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
     elif row == "clean_only":
         c.mode, c.sfbd.rounds, c.sfbd.pretrain_images = "sfbd", 0, budget
         c.corrupt.output_dir = os.path.join(out, f"seed{seed}", "clean_only", "data")
-    elif row == "noisy":
-        c.mode = "edm"
+    elif row == "noisy":  # the corrupted images clipped to [-1, 1] + the 50 clean
+        c.mode, c.data.use_prepared, c.data.prepared_group = "edm", True, "noisy"
     elif row == "tweediediff":
         c.mode = "ambient"
         c.ambient.annotation, c.ambient.fixed_sigma_min = "fixed", 0.0  # raised to σ_n = σ_ζ
@@ -77,19 +77,10 @@ def row_workdir(out: str, seed: int, variant: str, row: str) -> str:
     return os.path.join(out, f"seed{seed}", row if shared else os.path.join(variant, row))
 
 
-def noisy_training_set(config):
-    """The corrupted data set as a user would have it: noisy images clipped to [-1, 1] plus the
-    clean subset."""
-    from sfbd_jax.data import prepare
-    from sfbd_jax.data.prepared import PreparedDataset
-    from sfbd_jax.data.sources import ImageDataset
-
-    prepare.prepare(config)
-    data = PreparedDataset(config.corrupt.output_dir)
-    noisy, _ = data.noisy()
-    clean = data.clean()
-    images = np.concatenate([np.clip(noisy.images, -1.0, 1.0), clean.images])
-    return ImageDataset(images.astype(np.float32), None, 0, "noisy+clean")
+def metrics_of(result: dict) -> dict:
+    """The numbers of an evaluation record that go into the table's rows."""
+    return {k: v for k, v in result.items()
+            if isinstance(v, float) and not k.endswith("_seconds")}
 
 
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
@@ -107,22 +98,19 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
         return jsonfile.read_json(done_path, [])
     start = time.time()
     if row in ("oracle", "noisy"):
-        dataset = noisy_training_set(config) if row == "noisy" else None
         run._setup()
-        loop.train_and_evaluate(config, workdir, dataset)
+        loop.train_and_evaluate(config, workdir)
         result = evaluate.evaluate(config, workdir, "latest")
-        rows = [{"classifier_fd": result["classifier_fd"], "swd": result["swd"],
-                 "round": None}]
+        rows = [{**metrics_of(result), "round": None}]
     elif row == "tweediediff":
         run.run(config, workdir)
         result = jsonfile.read_json(os.path.join(workdir, ambient.SUMMARY), {})
-        rows = [{"classifier_fd": result["classifier_fd"], "swd": result["swd"],
-                 "round": None}]
+        rows = [{**metrics_of(result), "round": None}]
     else:
         run.run(config, workdir)
         summary = jsonfile.read_json(os.path.join(workdir, sfbd.SUMMARY), [])
         # Round 0's PSNR is that of the noisy set itself (the starting point of D^(k)).
-        rows = [{"classifier_fd": r["classifier_fd"], "swd": r["swd"], "round": r["round"],
+        rows = [{**metrics_of(r), "round": r["round"],
                  "psnr": None if row == "clean_only"
                  else r.get("denoised_psnr", r.get("noisy_psnr"))}
                 for r in sorted(summary, key=lambda r: r["round"])]
@@ -154,25 +142,50 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
 
 
 # ----- report ---------------------------------------------------------------------------
+# (key, header, digits) of the table's metric columns; every evaluation key is in results.json.
+COLUMNS = (("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓", 4),
+           ("memorised_fraction_train_pixel", "memorised: train set, px", 3),
+           ("d1_ratio_train_pixel", "d₁ ratio: train set, px", 2),
+           ("memorised_fraction_data_pixel", "memorised: all clean, px", 3),
+           ("d1_ratio_data_features", "d₁ ratio: all clean, feat.", 2),
+           ("precision", "precision ↑", 3), ("recall", "recall ↑", 3),
+           ("density", "density", 3), ("coverage", "coverage ↑", 3),
+           ("psnr", "PSNR of D^(k) (dB) ↑", 2))
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student-t confidence interval; NaN for one value)."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
 def _fmt(values: list[float], digits: int) -> str:
     if not values:
         return "–"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} (n={len(values)})"
+    mean, half = mean_ci(values)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: one line per (σ_ζ, row, round), mean ± std over seeds."""
+    """Markdown: one line per (σ_ζ, row, round), mean ± 95% interval over seeds."""
     sigmas = sorted({r["sigma"] for r in results if r["sigma"] is not None})
-    lines = ["| σ_ζ | row | classifier FD ↓ | sliced W₁ ↓ | PSNR of D^(k) (dB) ↑ | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| σ_ζ | row | " + " | ".join(h for _, h, _ in COLUMNS) + " | seeds |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
 
     def add(sigma_label, label, group):
-        psnr = [g["psnr"] for g in group if g.get("psnr") is not None]
-        lines.append(f"| {sigma_label} | {label} | {_fmt([g['classifier_fd'] for g in group], 2)}"
-                     f" | {_fmt([g['swd'] for g in group], 4)} | {_fmt(psnr, 2)} | "
-                     f"{','.join(str(g['seed']) for g in group)} |")
+        if not group:
+            return
+        cells = [_fmt([g[key] for g in group if g.get(key) is not None], digits)
+                 for key, _, digits in COLUMNS]
+        lines.append(f"| {sigma_label} | {label} | " + " | ".join(cells)
+                     + f" | {','.join(str(g['seed']) for g in group)} |")
 
     for name, label in (("oracle", "(1) EDM on all clean (oracle)"),
                         ("clean_only", "(2) EDM on the 50 clean only")):
@@ -198,8 +211,12 @@ def plot_metrics(results: list[dict], path: str) -> None:
 
     sigmas = sorted({r["sigma"] for r in results if r["sigma"] is not None})
     metrics = (("classifier_fd", "classifier-feature FD"), ("swd", "sliced W₁ (pixels)"),
+               ("memorised_fraction_train_pixel", "memorised fraction (train set, px)"),
+               ("recall", "recall (classifier features)"),
                ("psnr", "PSNR of D^(k) vs clean (dB)"))
-    fig, axes = plt.subplots(len(sigmas), 3, figsize=(13, 3.6 * len(sigmas)), squeeze=False)
+    fig, axes = plt.subplots(len(sigmas), len(metrics), figsize=(4.3 * len(metrics),
+                                                                 3.6 * len(sigmas)),
+                             squeeze=False)
     for i, sigma in enumerate(sigmas):
         for j, (key, title) in enumerate(metrics):
             ax = axes[i, j]
@@ -212,7 +229,7 @@ def plot_metrics(results: list[dict], path: str) -> None:
             if key != "psnr":
                 for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-."),
                                    ("tweediediff", "m-")):
-                    vals = [r[key] for r in results if r["row"] == row
+                    vals = [r[key] for r in results if r["row"] == row and key in r
                             and (row not in ("noisy", "tweediediff") or r["sigma"] == sigma)]
                     if vals:
                         ax.axhline(np.mean(vals), color=style[0], linestyle=style[1:],

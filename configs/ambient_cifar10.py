@@ -38,7 +38,6 @@ def get_config(variant: str = "blur0.6"):
     c.ambient.annotate.num_sigmas = 32
     c.ambient.annotate.num_draws = 8
     c.ambient.annotate.batch_size = 256
-    c.eval.metrics = "fid"
     if variant.startswith("blur") and variant[4:] in ("0.4", "0.6", "0.8", "1.0"):
         c.corrupt.type, c.corrupt.sigma_px = "gaussian_blur", float(variant[4:])
     elif variant == "jpeg":

@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # mode=edm: train on the clean group of the prepared data set of config.corrupt instead
     # (e.g. corrupt.clean_fraction=1 with corrupt.label_flip=η: clean images, noisy labels).
     c.data.use_prepared = False
+    # With use_prepared: 'clean' (the clean group) or 'noisy' (the corrupted images clipped to
+    # [-1, 1], then the clean group: EDM trained on the corrupted data set as given).
+    c.data.prepared_group = "clean"
 
     # The once-corrupted data set (python -m sfbd_jax.data.prepare --config ...).
     c.corrupt = ml_collections.ConfigDict()
@@ -105,7 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Distribution metrics of generated images (python -m sfbd_jax.evaluate, and SFBD rounds).
     c.eval = ml_collections.ConfigDict()
-    c.eval.metrics = "classifier_fd,swd"  # comma-separated: fid, kid, classifier_fd, swd.
+    # Comma-separated: fid, kid, classifier_fd, swd, memorisation (nearest training images
+    # in pixels and features), precision_recall, density_coverage (in the evaluation features:
+    # Inception's when eval.inception_weights is set, the feature classifier's otherwise).
+    c.eval.metrics = "classifier_fd,swd,memorisation,precision_recall,density_coverage"
     c.eval.num_samples = 50_000  # generated images per evaluation (EDM / SFBD papers: 50k).
     # SFBD: metrics after every round with this many samples; Ambient: at the end; 0 = off.
     c.eval.round_num_samples = 0
@@ -118,6 +124,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.kid_subset_size = 1000
     c.eval.kid_reference_max = 10_000  # reference features kept for KID.
     c.eval.swd_projections = 512
+    # Memorisation: a sample is memorised when d1/d2 < this (d1, d2: distances to its nearest
+    # and second-nearest training image; Yoon et al. 2023, Gu et al. 2023: 1/3).
+    c.eval.memorisation_threshold = 1 / 3
+    # Real images outside the training set (seeded subset) whose nearest-training-image
+    # distance is the baseline of the samples' (leave-one-out when there are none).
+    c.eval.heldout_max = 10_000
+    c.eval.copy_pairs = 8  # the most-copied samples saved beside their nearest training image.
+    c.eval.pr_k = 3  # improved precision/recall (Kynkäänniemi et al. 2019).
+    c.eval.dc_k = 5  # density/coverage (Naeem et al. 2020).
+    c.eval.prdc_max = 10_000  # at most this many real and generated features (seeded subsets).
+    c.eval.block_elements = 4_194_304  # distance-matrix entries held at once (float64: 32 MiB).
     # The feature classifier (classifier_fd), trained once on the clean data and cached.
     c.eval.classifier = ml_collections.ConfigDict()
     # MNIST-5k, 2-core CPU: 70 s to train once, held-out accuracy 0.934.

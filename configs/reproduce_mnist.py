@@ -4,7 +4,9 @@
 ``sigma0.59``). Every row of the table trains the same 1.26 M-parameter U-Net on the same
 number of images: pretrain_images + rounds × images_per_round. Metrics: classifier-feature
 Fréchet distance and sliced Wasserstein distance of 500 samples (10-level Heun grid) against
-the 5,000 clean originals, and the PSNR of each D^(k) against the originals.
+the 5,000 clean originals, memorisation (nearest training images), precision/recall and
+density/coverage in the classifier's features, and the PSNR of each D^(k) against the
+originals.
 Variant ``smoke``: a tiny network and budgets, for the test suite.
 """
 
@@ -25,7 +27,7 @@ def get_config(variant: str = "sigma0.2"):
     c.ema.halflife_images = 10_000
     c.train.checkpoint_every_steps = 100
     c.train.sample_every_steps = 0
-    c.eval.metrics = "classifier_fd,swd"
+    c.eval.metrics = "classifier_fd,swd,memorisation,precision_recall,density_coverage"
     c.eval.num_samples = 500
     c.eval.round_num_samples = 500
     if variant == "sigma0.2":

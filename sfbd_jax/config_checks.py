@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 KNOWN_MODES = ("edm", "sfbd", "ambient")
-KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd")
+KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd", "memorisation", "precision_recall",
+                 "density_coverage")
 
 
 def parse_metrics(spec: str) -> tuple[str, ...]:
@@ -66,7 +67,18 @@ def validate_config(config) -> None:
                          "class-conditional model (config.model.num_classes > 0)")
     if config.cep.gamma < 0:
         raise ValueError(f"config.cep.gamma must be >= 0, got {config.cep.gamma}")
+    if config.data.prepared_group not in ("clean", "noisy"):
+        raise ValueError(f"config.data.prepared_group={config.data.prepared_group!r} is "
+                         "unknown; known: 'clean', 'noisy'")
     parse_metrics(config.eval.metrics)
+    for path in ("eval.pr_k", "eval.dc_k", "eval.prdc_max", "eval.heldout_max",
+                 "eval.block_elements"):
+        _positive(config, path)
+    if not 0.0 < config.eval.memorisation_threshold <= 1.0:
+        raise ValueError("config.eval.memorisation_threshold (on d1/d2) must lie in (0, 1], got "
+                         f"{config.eval.memorisation_threshold}")
+    if config.eval.copy_pairs < 0:
+        raise ValueError(f"config.eval.copy_pairs must be >= 0, got {config.eval.copy_pairs}")
     if config.eval.round_num_samples < 0:
         raise ValueError("config.eval.round_num_samples must be >= 0 (0 = no per-round metrics)")
     if config.train.total_images < config.train.batch_size:

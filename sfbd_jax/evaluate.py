@@ -4,7 +4,9 @@
 ``--checkpoint``: ``latest`` (the newest state under DIR/checkpoints), ``step:N`` (that step) or
 ``round:K`` (an SFBD run's state after round K, kept under DIR/rounds). The EMA parameters
 generate ``config.eval.num_samples`` images (batch-sharded over all devices, progress logged);
-the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json and TensorBoard (``eval/``).
+the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json and TensorBoard (``eval/``);
+memorisation is measured against the images the run trained on (``training_sets``) and the
+most-copied samples beside their nearest training images go to DIR/eval/<tag>_copies.png.
 A conditional model sampled with guidance w ≠ 1 is recorded beside the plain result, in
 DIR/eval/<tag>_guidance<w>.json and under ``eval_guidance<w>/``.
 """
@@ -18,6 +20,7 @@ from absl import logging
 from clu import metric_writers
 
 from sfbd_jax.evaluation import evaluator as evaluator_lib
+from sfbd_jax.evaluation import training_sets
 from sfbd_jax.training import loop
 from sfbd_jax.utils import checkpoints
 
@@ -68,8 +71,11 @@ def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
     evaluator = evaluator_lib.Evaluator(config, experiment.mesh)
     logging.info("Evaluating %s (training step %d) with %d samples: %s.", tag, step,
                  config.eval.num_samples, ", ".join(evaluator.metrics))
-    result = evaluator.evaluate_model(experiment, params, config.eval.num_samples,
-                                      evaluator_lib.evaluation_key(config))
+    train = (training_sets.run_training_images(config, workdir)
+             if "memorisation" in evaluator.metrics else None)
+    result = evaluator.evaluate_model(
+        experiment, params, config.eval.num_samples, evaluator_lib.evaluation_key(config),
+        train=train, copies_path=os.path.join(workdir, "eval", f"{tag}_copies.png"))
     result.update(checkpoint=checkpoint_tag, step=step)
     if conditional:
         result["guidance"] = float(config.sampler.guidance)

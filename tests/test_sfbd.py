@@ -83,8 +83,11 @@ def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, mo
             raise KeyboardInterrupt("killed while denoising")
         return entry
 
+    # Also right after the checkpoint that ends round 1's training (step 8), before the round
+    # is recorded: the resumed run must still report that phase's loss.
     for patch in ((checkpoints.Checkpointer, "save", kill_after_save(2)),
                   (shards, "write_shard", kill_after_shard),
+                  (checkpoints.Checkpointer, "save", kill_after_save(8)),
                   (checkpoints.Checkpointer, "save", kill_after_save(10))):
         with monkeypatch.context() as m:
             m.setattr(*patch)
@@ -94,6 +97,9 @@ def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, mo
     assert int(resumed.step) == int(straight.step)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    losses = [r["train_loss"] for r in read_summary(workdir)]
+    assert all(np.isfinite(losses))
+    assert losses == [r["train_loss"] for r in summary]
     for k in (1, 2):
         a = shards.read_all(workdir + f"/denoised/round_{k}", json.load(
             open(f"{workdir}/denoised/round_{k}/progress.json"))["shards"])

@@ -5,11 +5,22 @@ Metrics (``config.eval.metrics``, comma-separated):
     kid            kernel Inception distance (mean and std over subsets), same features
     classifier_fd  Fréchet distance of the project classifier's features (MNIST-sized data)
     swd            sliced 1-Wasserstein distance in pixel space ([-1, 1] scale)
+    memorisation   nearest and second-nearest training image of every sample, in pixels and
+                   in the evaluation features: the fraction memorised (d1/d2 below
+                   eval.memorisation_threshold) and the median d1 against that of real images
+                   outside the training set (``neighbours.memorisation``), against the run's
+                   training images (``train``: e.g. SFBD's clean subset) and against the whole
+                   clean reference (``data``)
+    precision_recall, density_coverage
+                   k-NN manifold metrics in the evaluation features (``neighbours``)
+
+The evaluation features are Inception's pool features when ``eval.inception_weights`` is set,
+the feature classifier's otherwise.
 
 The reference is the clean data set of ``config.data`` (for SFBD: the originals of every image,
 corrupted or not), at most ``eval.reference_max`` images drawn with a fixed seed. Its feature
-statistics are computed once and cached under ``eval.cache_dir`` keyed by the extractor's
-weights and the exact reference images.
+statistics (and all its features, for the neighbour metrics) are computed once and cached under
+``eval.cache_dir`` keyed by the extractor's weights and the exact reference images.
 """
 
 from __future__ import annotations
@@ -24,10 +35,16 @@ from absl import logging
 
 from sfbd_jax.config_checks import KNOWN_METRICS, parse_metrics
 from sfbd_jax.data import sources
-from sfbd_jax.evaluation import distances, features
+from sfbd_jax.evaluation import distances, features, neighbours
+from sfbd_jax.evaluation.training_sets import TrainingImages
+from sfbd_jax.utils import images as images_lib
 from sfbd_jax.utils import jsonfile
 
 _INCEPTION_METRICS = ("fid", "kid")
+_NEIGHBOUR_METRICS = ("memorisation", "precision_recall", "density_coverage")
+# Fewer real images than this outside the training set: the memorisation baseline is the
+# training images' leave-one-out nearest neighbour instead (a median over too few is noise).
+_MIN_OUTSIDE = 50
 _STREAM_EVAL = 3  # PRNG stream of config.seed for evaluation samples (training uses 0-2)
 
 
@@ -57,6 +74,24 @@ def _images_digest(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images, np.float32).tobytes()).hexdigest()[:16]
 
 
+def rows_outside(reference: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Indices of the ``reference`` images that are not (bit for bit) in ``train``."""
+    def digest(row):
+        return hashlib.blake2b(np.ascontiguousarray(row, np.float32).tobytes(),
+                               digest_size=16).digest()
+
+    seen = {digest(row) for row in train}
+    return np.asarray([i for i, row in enumerate(reference) if digest(row) not in seen],
+                      np.int64)
+
+
+def _seeded_subset(count: int, limit: int, seed: int) -> np.ndarray:
+    """``min(count, limit)`` sorted indices of ``range(count)``, drawn with ``seed``."""
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, limit, replace=False))
+
+
 class Evaluator:
     """Computes ``config.eval.metrics`` of image sets against the cached reference."""
 
@@ -72,11 +107,16 @@ class Evaluator:
         if self.reference.images.shape[1:] != expected:
             raise ValueError(f"reference images have shape {self.reference.images.shape[1:]}, "
                              f"the model makes {expected}")
+        neighbour_metrics = any(m in _NEIGHBOUR_METRICS for m in self.metrics)
+        # The features of the neighbour metrics: Inception's when its weights are given.
+        self.neighbour_space = ("inception" if cfg.inception_weights else "classifier"
+                                ) if neighbour_metrics else None
         self.extractors: list[features.Extractor] = []
-        if any(m in _INCEPTION_METRICS for m in self.metrics):
+        if (any(m in _INCEPTION_METRICS for m in self.metrics)
+                or self.neighbour_space == "inception"):
             self.extractors.append(features.inception_extractor(cfg.inception_weights, mesh,
                                                                 cfg.batch_size))
-        if "classifier_fd" in self.metrics:
+        if "classifier_fd" in self.metrics or self.neighbour_space == "classifier":
             self.extractors.append(features.classifier_extractor(
                 cfg.classifier, self.reference, self.cache_dir, mesh, cfg.batch_size))
         self._reference_stats = {e.name: self._load_or_compute_reference(e)
@@ -99,11 +139,15 @@ class Evaluator:
             except (OSError, ValueError) as err:
                 raise ValueError(f"cached reference statistics {path} are unreadable ({err}); "
                                  "delete the file to recompute them") from err
-            logging.info("Reference statistics from cache %s.", path)
-            return stats
+            if "features_all" in stats:
+                logging.info("Reference statistics from cache %s.", path)
+                return stats
+            logging.info("Cached reference statistics %s predate the neighbour metrics (no "
+                         "features_all): recomputing them.", path)
         start = time.time()
         feats = extractor.features(self.reference.images)
         stats = _summarise(feats, self.config.eval.kid_reference_max)
+        stats["features_all"] = feats.astype(np.float32)
         if self._per_class(extractor):
             stats.update(_class_stats(feats, self.reference.labels, self.reference.num_classes))
         if jax.process_index() == 0:
@@ -116,9 +160,13 @@ class Evaluator:
         return stats
 
     # ----- metrics ----------------------------------------------------------------------
-    def evaluate(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    def evaluate(self, images: np.ndarray, labels: np.ndarray | None = None,
+                 train: TrainingImages | None = None, copies_path: str | None = None) -> dict:
         """Metrics of ``images`` (N, H, W, C) in [-1, 1]. ``labels``: the classes the images
-        were generated for (conditional models) → also the classifier's accuracy on them."""
+        were generated for (conditional models) → also the classifier's accuracy on them.
+        ``train``: the clean images the model was trained on (memorisation is measured against
+        them and against the whole reference); ``copies_path``: a PNG of the most-copied
+        samples (top row) above their nearest training images (bottom row)."""
         cfg = self.config.eval
         images = np.asarray(images, np.float32)
         if not np.all(np.isfinite(images)):
@@ -131,6 +179,14 @@ class Evaluator:
                 feats, predicted = extractor.features_and_classes(images)  # one pass
             else:
                 feats = extractor.features(images)
+            if extractor.name == self.neighbour_space:
+                result.update(self._neighbour_metrics(images, feats, extractor, train,
+                                                      copies_path))
+            if extractor.name == "inception" and not any(m in _INCEPTION_METRICS
+                                                         for m in self.metrics):
+                continue  # built for the neighbour metrics only
+            if extractor.name == "classifier" and "classifier_fd" not in self.metrics:
+                continue
             ref = self._reference_stats[extractor.name]
             stats = _summarise(feats, cfg.kid_reference_max)
             fd = distances.frechet_distance(stats["mu"], stats["cov"], ref["mu"], ref["cov"])
@@ -155,9 +211,85 @@ class Evaluator:
                 seed=cfg.reference_seed)
         return result
 
-    def evaluate_model(self, experiment, params, num: int, key: jax.Array) -> dict:
+    def _neighbour_metrics(self, images: np.ndarray, feats: np.ndarray,
+                           extractor: features.Extractor, train: TrainingImages | None,
+                           copies_path: str | None) -> dict:
+        """memorisation / precision_recall / density_coverage of one sample set."""
+        cfg = self.config.eval
+        ref_feats = self._reference_stats[extractor.name]["features_all"]
+        out: dict = {"neighbour_features": extractor.name}
+        if "memorisation" in self.metrics:
+            out.update(self._memorisation(images, feats, extractor, ref_feats, train,
+                                          copies_path))
+        wanted = [m for m in ("precision_recall", "density_coverage") if m in self.metrics]
+        if wanted:
+            real = ref_feats[_seeded_subset(len(ref_feats), cfg.prdc_max, cfg.reference_seed)]
+            fake = feats[_seeded_subset(len(feats), cfg.prdc_max, cfg.reference_seed + 1)]
+            found = neighbours.manifold_metrics(real, fake, pr_k=cfg.pr_k, dc_k=cfg.dc_k,
+                                                block_elements=cfg.block_elements)
+            for metric in wanted:
+                for name in metric.split("_"):
+                    out[name] = found[name]
+            out["prdc_counts"] = [int(len(real)), int(len(fake))]
+        return out
+
+    def _memorisation(self, images, feats, extractor, ref_feats, train, copies_path) -> dict:
+        """Against ``train`` (if given) and against the whole reference ('data'), in pixels
+        and in features; keys <summary>_<set>_<space>."""
+        cfg = self.config.eval
+        reference = self.reference.images
+        sets = [("data", reference, ref_feats, None)]
+        out: dict = {}
+        if train is not None:
+            if len(train) < 2:
+                raise ValueError(f"memorisation needs at least 2 training images; the run's "
+                                 f"training set {train.name!r} has {len(train)}")
+            outside = rows_outside(reference, train.images)
+            if len(outside) < _MIN_OUTSIDE:
+                outside = None
+            else:
+                outside = outside[_seeded_subset(len(outside), cfg.heldout_max,
+                                                 cfg.reference_seed)]
+            sets.insert(0, ("train", np.asarray(train.images, np.float32),
+                            extractor.features(train.images), outside))
+            out.update(train_set=train.name, train_count=int(len(train)))
+            same = _images_digest(train.images) == _images_digest(reference)
+        for set_name, set_images, set_feats, outside in sets:
+            if set_name == "data" and train is not None and same:
+                out.update({k.replace("_train_", "_data_").replace("_train", "_data"): v
+                            for k, v in list(out.items()) if "_train" in k})
+                continue
+            for space, sample_rows, train_rows, ref_rows in (
+                    ("pixel", images, set_images, reference), ("features", feats, set_feats,
+                                                               ref_feats)):
+                mem = neighbours.memorisation(
+                    sample_rows, train_rows, None if outside is None else ref_rows[outside],
+                    threshold=cfg.memorisation_threshold, block_elements=cfg.block_elements)
+                summary = mem.summary()
+                for key in ("memorised_fraction", "median_d1", "median_d1_heldout",
+                            "d1_ratio"):
+                    out[f"{key}_{set_name}_{space}"] = summary[key]
+                out[f"heldout_{set_name}"] = f"{summary['heldout']} ({summary['heldout_count']})"
+                if space != "pixel":
+                    continue
+                top = mem.most_copied(max(cfg.copy_pairs, 1))
+                out[f"most_copied_{set_name}"] = {
+                    "sample": int(top[0]), "neighbour": int(mem.nearest[top[0]]),
+                    "d1_d2": float(mem.ratio[top[0]]), "d1": float(mem.d1[top[0]])}
+                if (copies_path and cfg.copy_pairs and set_name == sets[0][0]
+                        and jax.process_index() == 0):
+                    pairs = np.concatenate([images[top], set_images[mem.nearest[top]]])
+                    images_lib.save_png(images_lib.make_grid(pairs, columns=len(top)),
+                                        copies_path)
+                    out["copies_png"] = os.path.basename(copies_path)
+        return out
+
+    def evaluate_model(self, experiment, params, num: int, key: jax.Array,
+                       train: TrainingImages | None = None,
+                       copies_path: str | None = None) -> dict:
         """Generate ``num`` images from ``params`` with the experiment's sampler (batches of
-        eval.batch_size, progress logged) and evaluate them."""
+        eval.batch_size, progress logged) and evaluate them (``train``, ``copies_path``: see
+        ``evaluate``)."""
         batch = self.config.eval.batch_size
         labels = experiment.sample_labels(num)
         out, start = [], time.time()
@@ -174,9 +306,15 @@ class Evaluator:
                 logging.info("Evaluation: generated %d/%d images (%.1f images/s).", done, num,
                              done / (time.time() - start))
         samples = np.concatenate(out)
-        result = self.evaluate(samples, labels)
-        result["generate_seconds"] = time.time() - start
+        generate_seconds, start = time.time() - start, time.time()
+        result = self.evaluate(samples, labels, train, copies_path)
+        result.update(generate_seconds=generate_seconds, metrics_seconds=time.time() - start)
         return result
+
+
+def without_timings(result: dict) -> dict:
+    """``result`` without its wall-clock entries (for records that must repeat exactly)."""
+    return {k: v for k, v in result.items() if k not in ("generate_seconds", "metrics_seconds")}
 
 
 def _summarise(feats: np.ndarray, keep: int) -> dict:

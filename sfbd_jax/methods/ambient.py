@@ -38,6 +38,7 @@ from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.evaluation import evaluator as evaluator_lib
+from sfbd_jax.evaluation import training_sets
 from sfbd_jax.methods import noise_classifier
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
@@ -244,12 +245,14 @@ def run_ambient(config, workdir: str) -> TrainState:
     finally:
         ckpt.close()
     facts.update(step=int(state.step), images_seen=int(state.images_seen),
-                 train_loss=experiment.last_scalars.get("loss", float("nan")))
+                 train_loss=loop.phase_end_loss(workdir, "ambient", int(state.step)))
     if evaluator is not None:
-        result = evaluator.evaluate_model(experiment, state.ema_params,
-                                          config.eval.round_num_samples,
-                                          evaluator_lib.evaluation_key(config))
-        facts.update({k: v for k, v in result.items() if k != "generate_seconds"})
+        result = evaluator.evaluate_model(
+            experiment, state.ema_params, config.eval.round_num_samples,
+            evaluator_lib.evaluation_key(config),
+            train=training_sets.run_training_images(config, workdir),
+            copies_path=os.path.join(workdir, "eval", "copies_final.png"))
+        facts.update(evaluator_lib.without_timings(result))
         writer.write_scalars(int(state.step), {f"ambient/{k}": v for k, v in facts.items()
                                                if isinstance(v, float)})
     if jax.process_index() == 0:

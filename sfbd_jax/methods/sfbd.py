@@ -31,7 +31,7 @@ from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.diffusion import sampler as sampler_lib
-from sfbd_jax.evaluation import denoising
+from sfbd_jax.evaluation import denoising, training_sets
 from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.methods import backward
 from sfbd_jax.training import loop
@@ -195,7 +195,8 @@ class SFBDRun:
             rounds_ckpt.save(k, state)
             rounds_ckpt.wait()
         row = {"round": k, "step": int(state.step), "images_seen": int(state.images_seen),
-               "train_loss": self.experiment.last_scalars.get("loss", float("nan"))}
+               "train_loss": loop.phase_end_loss(self.workdir, "pretrain" if k == 0
+                                                 else f"round{k}", int(state.step))}
         if denoised is not None:
             quality = denoising.against_originals(self.data_dir, denoised)
             row.update(denoised_mse=quality["mse"], denoised_psnr=quality["psnr"],
@@ -205,7 +206,7 @@ class SFBDRun:
             quality = denoising.against_originals(self.data_dir, noisy.images.to_numpy())
             row.update(noisy_mse=quality["mse"], noisy_psnr=quality["psnr"])
         if self.config.eval.round_num_samples > 0:
-            row.update(self._metrics(state))
+            row.update(self._metrics(state, k))
         if self.config.sfbd.eval_every_round or k == self.config.sfbd.rounds:
             row["samples"] = self.experiment.write_samples(state, self.workdir, writer,
                                                            f"round{k}")
@@ -215,12 +216,15 @@ class SFBDRun:
         _write_json(os.path.join(self.workdir, SUMMARY), summary)
         return summary
 
-    def _metrics(self, state: TrainState) -> dict:
-        """config.eval.metrics of round samples (the same key every round)."""
-        result = self._evaluator.evaluate_model(self.experiment, state.ema_params,
-                                                self.config.eval.round_num_samples,
-                                                evaluator_lib.evaluation_key(self.config))
-        return {k: v for k, v in result.items() if k != "generate_seconds"}
+    def _metrics(self, state: TrainState, k: int) -> dict:
+        """config.eval.metrics of round samples (the same key every round); memorisation
+        against the clean subset, the most-copied samples in eval/copies_round<k>.png."""
+        train = training_sets.run_training_images(self.config, self.workdir)
+        result = self._evaluator.evaluate_model(
+            self.experiment, state.ema_params, self.config.eval.round_num_samples,
+            evaluator_lib.evaluation_key(self.config), train=train,
+            copies_path=os.path.join(self.workdir, "eval", f"copies_round{k}.png"))
+        return evaluator_lib.without_timings(result)
 
     @staticmethod
     def _log_table(summary: list) -> None:

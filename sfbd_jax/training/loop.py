@@ -23,7 +23,7 @@ from sfbd_jax.diffusion import sampler as sampler_lib
 from sfbd_jax.models import precond, unet
 from sfbd_jax.training import optim, step
 from sfbd_jax.training.state import TrainState, create_train_state
-from sfbd_jax.utils import checkpoints, devices, images
+from sfbd_jax.utils import checkpoints, devices, images, jsonfile
 
 # Independent PRNG streams derived from config.seed.
 _STREAM_INIT, _STREAM_TRAIN, _STREAM_SAMPLES = 0, 1, 2
@@ -174,6 +174,8 @@ class Experiment:
                 scalars["images_per_sec"] = (step_now - step_last) * cfg.batch_size / elapsed
                 writer.write_scalars(step_now, {f"{tag}/{n}": v for n, v in scalars.items()})
                 self.last_scalars = scalars
+                if step_now == end_step:  # before the checkpoint that ends the phase
+                    record_phase_end(workdir, tag, step_now, scalars["loss"])
                 t_last, step_last = time.time(), step_now
             if due(cfg.checkpoint_every_steps) or step_now == end_step:
                 if not due(cfg.log_every_steps) and step_now != end_step:
@@ -192,6 +194,27 @@ def check_finite_loss(loss: float, step_now: int, checkpointer: checkpoints.Chec
             f"training loss is {loss} at step {step_now}; stopping before saving this state. "
             f"The last checkpoint ({checkpointer.latest_step()}) in {checkpointer.directory} is "
             "untouched. Lower config.optim.lr, enable config.optim.grad_clip or check the data.")
+
+
+PHASES = "phase_ends.json"
+
+
+def record_phase_end(workdir: str, tag: str, step_now: int, loss: float) -> None:
+    """Keep the last training loss of phase ``tag`` in ``workdir/phase_ends.json`` (process 0),
+    written before the phase's final checkpoint, so a run resumed after that checkpoint reports
+    the same loss as an uninterrupted one."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, PHASES)
+    record = jsonfile.read_json(path, {})
+    record[tag] = {"step": int(step_now), "loss": float(loss)}
+    jsonfile.write_json(path, record)
+
+
+def phase_end_loss(workdir: str, tag: str, step_now: int) -> float:
+    """The loss recorded when phase ``tag`` ended at ``step_now`` (NaN if none was)."""
+    entry = jsonfile.read_json(os.path.join(workdir, PHASES), {}).get(tag)
+    return float(entry["loss"]) if entry and entry["step"] == int(step_now) else float("nan")
 
 
 def write_run_config(config, workdir: str) -> None:
@@ -224,7 +247,9 @@ def edm_dataset(config, workdir: str) -> sources.ImageDataset:
     """The training set of ``mode=edm``: the clean data set of config.data, or with
     ``data.use_prepared`` the clean group of the prepared data set of config.corrupt (prepared
     first, into ``workdir/data`` when corrupt.output_dir is empty), e.g. every image clean with
-    a fraction of flipped labels (corrupt.clean_fraction=1, corrupt.label_flip=η)."""
+    a fraction of flipped labels (corrupt.clean_fraction=1, corrupt.label_flip=η); with
+    ``data.prepared_group='noisy'`` the corrupted images as a user would have them (clipped
+    to [-1, 1]) followed by the clean group (EDM on the corrupted data set)."""
     if not config.data.use_prepared:
         return sources.load_source(config.data)
     from sfbd_jax.data import prepare
@@ -232,7 +257,16 @@ def edm_dataset(config, workdir: str) -> sources.ImageDataset:
 
     config = prepare.with_output_dir(config, workdir)
     prepare.prepare_on_main_process(config)
-    return PreparedDataset(config.corrupt.output_dir).clean()
+    clean = PreparedDataset(config.corrupt.output_dir).clean()
+    if config.data.prepared_group == "clean":
+        return clean
+    noisy, _ = PreparedDataset(config.corrupt.output_dir).noisy()
+    # NaN survives the clipping: Experiment.train's validation names it.
+    images = np.concatenate([np.clip(noisy.images, -1.0, 1.0), clean.images])
+    labels = (np.concatenate([noisy.labels, clean.labels])
+              if noisy.labels is not None and clean.labels is not None else None)
+    return sources.ImageDataset(images.astype(np.float32), labels, clean.num_classes,
+                                "noisy+clean")
 
 
 def train_and_evaluate(config, workdir: str,
