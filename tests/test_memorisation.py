@@ -166,7 +166,6 @@ def test_manifold_metrics_closed_cases():
 def mnist_evaluator(tmp_path_factory):
     """An Evaluator with the neighbour metrics on 500 MNIST digits (classifier features)."""
     from configs import default
-
     from sfbd_jax.data import sources
     from sfbd_jax.evaluation import evaluator
     from sfbd_jax.utils import devices

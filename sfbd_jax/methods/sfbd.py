@@ -228,10 +228,12 @@ class SFBDRun:
 
     @staticmethod
     def _log_table(summary: list) -> None:
-        metric_names = [m for m in ("classifier_fd", "swd", "fid", "kid")
-                        if any(m in r for r in summary)]
+        short = {"classifier_fd": "classifier_fd", "swd": "swd", "fid": "fid", "kid": "kid",
+                 "memorised_fraction_train_pixel": "memorised", "d1_ratio_train_pixel": "d1_ratio",
+                 "precision": "precision", "recall": "recall", "coverage": "coverage"}
+        metric_names = [m for m in short if any(m in r for r in summary)]
         lines = ["round  step     train_loss  denoised_PSNR  denoised_MSE"
-                 + "".join(f"  {m:>13}" for m in metric_names)]
+                 + "".join(f"  {short[m]:>13}" for m in metric_names)]
         for r in sorted(summary, key=lambda r: r["round"]):
             psnr = r.get("denoised_psnr", r.get("noisy_psnr", float("nan")))
             mse = r.get("denoised_mse", r.get("noisy_mse", float("nan")))
