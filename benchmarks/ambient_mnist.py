@@ -12,7 +12,9 @@ training images for each):
   ambient_fixed     Ambient-Omni, σ_min fixed for the corruption ('fixed')
   ambient_classifier  Ambient-Omni, σ_min per image from the noise-conditional classifier
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of 500 samples
-against the 5,000 clean originals; the low-quality share of the training batches.
+against the 5,000 clean originals; memorisation (against the row's clean training images and
+against all 5,000), precision/recall and density/coverage in the classifier's features; the
+low-quality share of the training batches. Several seeds: mean ± 95% interval.
 ``--seeds 0,1`` repeats the rows with other training seeds (the data and annotations stay the
 same). Every row resumes where it stopped. Writes OUT/results_VARIANT.json, OUT/table_VARIANT.md
 and OUT/samples_VARIANT.png.
@@ -29,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import tables  # noqa: E402
 from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
@@ -76,9 +79,8 @@ def run_row(variant: str, row: str, out: str, total_images: int, seed: int = 0) 
         facts = {"low_quality_share": 0.0}
     else:
         result = facts = jsonfile.read_json(os.path.join(workdir, ambient.SUMMARY), {})
-    out_row = {"row": row, "variant": variant, "seed": seed,
-               "classifier_fd": result["classifier_fd"],
-               "swd": result["swd"], "low_quality_share": facts["low_quality_share"],
+    out_row = {**tables.metrics_of(result), "row": row, "variant": variant, "seed": seed,
+               "low_quality_share": facts["low_quality_share"],
                "annotation_summary": facts.get("annotation_summary"),
                "train_images": config.train.total_images, "seconds": time.time() - start,
                "workdir": workdir}
@@ -86,16 +88,15 @@ def run_row(variant: str, row: str, out: str, total_images: int, seed: int = 0) 
     return out_row
 
 
-def _fmt(values: list[float], digits: int) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+COLUMNS = ((("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓", 4))
+           + tables.NEIGHBOUR_COLUMNS)
 
 
 def table(results: list[dict]) -> str:
-    """One line per (variant, row): mean ± std over the training seeds."""
-    lines = ["| corruption | row | classifier FD ↓ | sliced W₁ ↓ | low-quality share of batches "
-             "| σ_min (median) | seeds |", "|---|---|---|---|---|---|---|"]
+    """One line per (variant, row): mean ± 95% interval over the training seeds."""
+    lines = ["| corruption | row | " + " | ".join(h for _, h, _ in COLUMNS)
+             + " | low-quality share of batches | σ_min (median) | seeds |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|"]
     keys = list(dict.fromkeys((r["variant"], r["row"]) for r in results))
     for variant, row in keys:
         group = [r for r in results if (r["variant"], r["row"]) == (variant, row)]
@@ -107,9 +108,8 @@ def table(results: list[dict]) -> str:
         else:
             med_s = "–" if med is None or not np.isfinite(med) else f"{med:.3g}"
         seeds = ",".join(str(g.get("seed", 0)) for g in group)
-        lines.append(f"| {variant} | {row} | {_fmt([g['classifier_fd'] for g in group], 2)} | "
-                     f"{_fmt([g['swd'] for g in group], 4)} | {r['low_quality_share']:.2f} | "
-                     f"{med_s} | {seeds} |")
+        lines.append(f"| {variant} | {row} | " + " | ".join(tables.cells(group, COLUMNS))
+                     + f" | {r['low_quality_share']:.2f} | {med_s} | {seeds} |")
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@ CEP-U and CEP-G (γ = 1) on clean labels. Columns, on eval.num_samples samples (
 per class) against the 5,000 clean digits: classifier-feature Fréchet distance overall and its
 mean over the per-class distances, the classifier's accuracy on the samples (is a sample of
 class k recognised as k), sliced W₁; each at every guidance scale of --guidance (1 = the
-conditional model as trained). Every row resumes where it stopped.
+conditional model as trained); memorisation (against the 5,000 training digits), precision/recall
+and density/coverage in the classifier's features. ``--seeds 0,1,2`` repeats every row (mean ±
+95% interval). Every row resumes where it stopped.
 Writes OUT/results.json and OUT/table.md.
 """
 
@@ -23,6 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tables  # noqa: E402
 from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
@@ -30,7 +33,10 @@ from sfbd_jax.utils import devices  # noqa: E402
 ROWS = ("clean", "flip2.5", "flip5", "flip10", "flip20", "cep_u", "cep_g")
 
 
-KEYS = ("classifier_fd", "classifier_fd_class_mean", "sample_class_accuracy", "swd")
+COLUMNS = ((("classifier_fd", "classifier FD ↓", 2),
+            ("classifier_fd_class_mean", "per-class FD (mean) ↓", 2),
+            ("sample_class_accuracy", "accuracy on samples ↑", 3), ("swd", "sliced W₁ ↓", 4))
+           + tables.NEIGHBOUR_COLUMNS)
 
 
 def run_row(row: str, out: str, seed: int = 0, guidances: tuple[float, ...] = (1.0,)
@@ -55,19 +61,23 @@ def run_row(row: str, out: str, seed: int = 0, guidances: tuple[float, ...] = (1
         if f"{w:g}" not in out_row["by_guidance"]:
             config.sampler.guidance = w
             result = evaluate.evaluate(config, workdir, "latest")
-            out_row["by_guidance"][f"{w:g}"] = {k: result[k] for k in KEYS}
+            out_row["by_guidance"][f"{w:g}"] = tables.metrics_of(result)
             jsonfile.write_json(done, out_row)
     return out_row
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | labels flipped | CEP | guidance | classifier FD ↓ | per-class FD (mean) ↓ "
-             "| accuracy on samples ↑ | sliced W₁ ↓ |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        for w, m in r["by_guidance"].items():
-            lines.append(f"| {r['row']} | {100 * r['label_flip']:.1f}% | {r['cep']} | {w} | "
-                         f"{m['classifier_fd']:.2f} | {m['classifier_fd_class_mean']:.2f} | "
-                         f"{m['sample_class_accuracy']:.3f} | {m['swd']:.4f} |")
+    """One line per (row, guidance): mean ± 95% interval over the seeds."""
+    lines = ["| row | labels flipped | CEP | guidance | " + " | ".join(h for _, h, _ in COLUMNS)
+             + " | seeds |", "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    for row in dict.fromkeys(r["row"] for r in results):
+        group = [r for r in results if r["row"] == row]
+        first = group[0]
+        for w in first["by_guidance"]:
+            metrics = [r["by_guidance"][w] for r in group if w in r["by_guidance"]]
+            lines.append(f"| {row} | {100 * first['label_flip']:.1f}% | {first['cep']} | {w} | "
+                         + " | ".join(tables.cells(metrics, COLUMNS))
+                         + f" | {','.join(str(r['seed']) for r in group)} |")
     return "\n".join(lines)
 
 
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2")
     parser.add_argument("--guidance", default="1,2",
                         help="guidance scales to evaluate each row at (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny (the test suite)")
@@ -87,10 +97,11 @@ def main(argv: list[str] | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     start = time.time()
     results = []
-    for row in rows:
-        print(f"[cep] {row}", flush=True)
-        results.append(run_row(row, out, args.seed,
-                               tuple(float(w) for w in args.guidance.split(","))))
+    for seed in (int(v) for v in args.seeds.split(",")):
+        for row in rows:
+            print(f"[cep] seed {seed} {row}", flush=True)
+            results.append(run_row(row, out, seed,
+                                   tuple(float(w) for w in args.guidance.split(","))))
     text = table(results)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -31,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import tables  # noqa: E402
 from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
@@ -77,12 +78,6 @@ def row_workdir(out: str, seed: int, variant: str, row: str) -> str:
     return os.path.join(out, f"seed{seed}", row if shared else os.path.join(variant, row))
 
 
-def metrics_of(result: dict) -> dict:
-    """The numbers of an evaluation record that go into the table's rows."""
-    return {k: v for k, v in result.items()
-            if isinstance(v, float) and not k.endswith("_seconds")}
-
-
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
             compute_dtype: str = "float32") -> list[dict]:
     """Train (or resume) one row and return its result rows (one per SFBD round)."""
@@ -101,16 +96,16 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
         run._setup()
         loop.train_and_evaluate(config, workdir)
         result = evaluate.evaluate(config, workdir, "latest")
-        rows = [{**metrics_of(result), "round": None}]
+        rows = [{**tables.metrics_of(result), "round": None}]
     elif row == "tweediediff":
         run.run(config, workdir)
         result = jsonfile.read_json(os.path.join(workdir, ambient.SUMMARY), {})
-        rows = [{**metrics_of(result), "round": None}]
+        rows = [{**tables.metrics_of(result), "round": None}]
     else:
         run.run(config, workdir)
         summary = jsonfile.read_json(os.path.join(workdir, sfbd.SUMMARY), [])
         # Round 0's PSNR is that of the noisy set itself (the starting point of D^(k)).
-        rows = [{**metrics_of(r), "round": r["round"],
+        rows = [{**tables.metrics_of(r), "round": r["round"],
                  "psnr": None if row == "clean_only"
                  else r.get("denoised_psnr", r.get("noisy_psnr"))}
                 for r in sorted(summary, key=lambda r: r["round"])]
@@ -143,34 +138,8 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
 
 # ----- report ---------------------------------------------------------------------------
 # (key, header, digits) of the table's metric columns; every evaluation key is in results.json.
-COLUMNS = (("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓", 4),
-           ("memorised_fraction_train_pixel", "memorised: train set, px", 3),
-           ("d1_ratio_train_pixel", "d₁ ratio: train set, px", 2),
-           ("memorised_fraction_data_pixel", "memorised: all clean, px", 3),
-           ("d1_ratio_data_features", "d₁ ratio: all clean, feat.", 2),
-           ("precision", "precision ↑", 3), ("recall", "recall ↑", 3),
-           ("density", "density", 3), ("coverage", "coverage ↑", 3),
-           ("psnr", "PSNR of D^(k) (dB) ↑", 2))
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% Student-t confidence interval; NaN for one value)."""
-    from scipy import stats
-
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return float(v.mean()), float(half)
-
-
-def _fmt(values: list[float], digits: int) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    mean, half = mean_ci(values)
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+COLUMNS = ((("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓", 4))
+           + tables.NEIGHBOUR_COLUMNS + (("psnr", "PSNR of D^(k) (dB) ↑", 2),))
 
 
 def table(results: list[dict]) -> str:
@@ -182,9 +151,7 @@ def table(results: list[dict]) -> str:
     def add(sigma_label, label, group):
         if not group:
             return
-        cells = [_fmt([g[key] for g in group if g.get(key) is not None], digits)
-                 for key, _, digits in COLUMNS]
-        lines.append(f"| {sigma_label} | {label} | " + " | ".join(cells)
+        lines.append(f"| {sigma_label} | {label} | " + " | ".join(tables.cells(group, COLUMNS))
                      + f" | {','.join(str(g['seed']) for g in group)} |")
 
     for name, label in (("oracle", "(1) EDM on all clean (oracle)"),

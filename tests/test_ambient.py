@@ -354,6 +354,10 @@ def test_ambient_benchmark_smoke(tmp_path):
     (result,) = json.load(open(os.path.join(out, "results_smoke.json")))
     assert result["row"] == "ambient_classifier"
     assert np.isfinite(result["classifier_fd"]) and np.isfinite(result["swd"])
+    assert 0 <= result["memorised_fraction_train_pixel"] <= 1
+    assert 0 <= result["recall"] <= 1 and np.isfinite(result["d1_ratio_data_pixel"])
+    assert os.path.exists(os.path.join(out, "smoke", "ambient_classifier", "eval",
+                                       "copies_final.png"))
     assert 0.0 < result["low_quality_share"] < 1.0
     assert "| smoke | ambient_classifier |" in text and text.rstrip().endswith("| 0 |")
     assert os.path.exists(os.path.join(out, "samples_smoke.png"))

@@ -181,11 +181,15 @@ def test_cep_benchmark_smoke(tmp_path):
     assert set(row["by_guidance"]) == {"1", "2"}
     for metrics in row["by_guidance"].values():
         for key in ("classifier_fd", "classifier_fd_class_mean", "sample_class_accuracy",
-                    "swd"):
+                    "swd", "memorised_fraction_train_pixel", "d1_ratio_data_features",
+                    "precision", "recall", "density", "coverage"):
             assert np.isfinite(metrics[key]), key
     assert metrics != row["by_guidance"]["1"]  # guided samples differ
-    evals = sorted(os.listdir(tmp_path / "seed0" / "smoke" / "eval"))
+    files = sorted(os.listdir(tmp_path / "seed0" / "smoke" / "eval"))
+    evals = [f for f in files if f.endswith(".json")]
     assert len(evals) == 2 and evals[1].endswith("_guidance2.json"), evals
+    assert [f for f in files if f.endswith("_copies.png")] == [
+        evals[0].replace(".json", "_copies.png"), evals[1].replace(".json", "_copies.png")]
     guided = json.load(open(tmp_path / "seed0" / "smoke" / "eval" / evals[1]))
     assert guided["guidance"] == 2.0 and guided["checkpoint"] == evals[0][:-len(".json")]
     assert "| smoke | 10.0% | gaussian | 1 |" in text and "| smoke | 10.0% | gaussian | 2 |" in text

@@ -35,6 +35,11 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     assert len(budgets) == 1  # the same training budget for every row
     for r in results:
         assert np.isfinite(r["classifier_fd"]) and r["swd"] > 0
+        assert 0 <= r["memorised_fraction_train_pixel"] <= 1
+        assert np.isfinite(r["d1_ratio_train_features"]) and 0 <= r["coverage"] <= 1
+    sfbd_dir = next(r["workdir"] for r in results if r["row"] == "sfbd")
+    assert os.path.exists(os.path.join(sfbd_dir, "eval", "copies_round2.png"))
+    assert "memorised: train set, px" in text
     sfbd_psnr = [r["psnr"] for r in results if r["row"] == "sfbd"]
     assert all(np.isfinite(sfbd_psnr))
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
@@ -69,6 +74,12 @@ def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
     with open(os.path.join(workdir, "eval", f"step{step}.json")) as f:
         result = json.load(f)
     assert result["classifier_fd"] == pytest.approx(recorded["classifier_fd"], rel=1e-6)
+    for key in ("memorised_fraction_train_pixel", "d1_ratio_train_features", "recall"):
+        assert result[key] == pytest.approx(recorded[key], rel=1e-6), key
+    # The oracle trained on the whole clean set: its training set is the reference.
+    assert result["train_count"] == result["reference_count"] == 400
+    assert result["d1_ratio_train_pixel"] == result["d1_ratio_data_pixel"]
+    assert os.path.exists(os.path.join(workdir, "eval", f"step{step}_copies.png"))
     assert result["num_samples"] == config.eval.num_samples and result["step"] == step
 
     with pytest.raises(FileNotFoundError, match="checkpoint 3 is not in"):

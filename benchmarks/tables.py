@@ -1,0 +1,48 @@
+"""What the benchmark tables share: mean ± 95% confidence interval over seeds, the numbers of an
+evaluation record, and the columns of the memorisation and quality/diversity metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# (key of the evaluation record, column header, digits).
+NEIGHBOUR_COLUMNS = (
+    ("memorised_fraction_train_pixel", "memorised: train set, px", 3),
+    ("d1_ratio_train_pixel", "d₁ ratio: train set, px", 2),
+    ("memorised_fraction_data_pixel", "memorised: all clean, px", 3),
+    ("d1_ratio_data_features", "d₁ ratio: all clean, feat.", 2),
+    ("precision", "precision ↑", 3), ("recall", "recall ↑", 3),
+    ("density", "density", 3), ("coverage", "coverage ↑", 3))
+
+
+def metrics_of(result: dict) -> dict:
+    """The numbers of an evaluation record (wall-clock times left out)."""
+    return {k: v for k, v in result.items()
+            if isinstance(v, float) and not k.endswith("_seconds")}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% Student-t confidence interval; NaN for one value)."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1)
+                                  / np.sqrt(len(v)))
+
+
+def fmt(values: list[float], digits: int) -> str:
+    """'–' for none, the value for one, 'mean ± 95% half-width' for several."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    mean, half = mean_ci(values)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def cells(group: list[dict], columns) -> list[str]:
+    """One formatted cell per (key, header, digits) column over the rows of ``group``."""
+    return [fmt([g[key] for g in group if g.get(key) is not None], digits)
+            for key, _, digits in columns]
