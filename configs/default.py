@@ -133,7 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.copy_pairs = 8  # the most-copied samples saved beside their nearest training image.
     c.eval.pr_k = 3  # improved precision/recall (Kynkäänniemi et al. 2019).
     c.eval.dc_k = 5  # density/coverage (Naeem et al. 2020).
-    c.eval.prdc_max = 10_000  # at most this many real and generated features (seeded subsets).
+    # Precision/recall, density/coverage: min(samples, references, this) of each (seeded).
+    c.eval.prdc_max = 10_000
     c.eval.block_elements = 4_194_304  # distance-matrix entries held at once (float64: 32 MiB).
     # The feature classifier (classifier_fd), trained once on the clean data and cached.
     c.eval.classifier = ml_collections.ConfigDict()

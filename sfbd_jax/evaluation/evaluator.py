@@ -223,8 +223,12 @@ class Evaluator:
                                           copies_path))
         wanted = [m for m in ("precision_recall", "density_coverage") if m in self.metrics]
         if wanted:
-            real = ref_feats[_seeded_subset(len(ref_feats), cfg.prdc_max, cfg.reference_seed)]
-            fake = feats[_seeded_subset(len(feats), cfg.prdc_max, cfg.reference_seed + 1)]
+            # Equal numbers of real and generated features (as both papers): with fewer
+            # samples than references the generated k-NN balls grow and recall is inflated,
+            # while most real balls stay empty and coverage is deflated.
+            count = min(len(ref_feats), len(feats), cfg.prdc_max)
+            real = ref_feats[_seeded_subset(len(ref_feats), count, cfg.reference_seed)]
+            fake = feats[_seeded_subset(len(feats), count, cfg.reference_seed + 1)]
             found = neighbours.manifold_metrics(real, fake, pr_k=cfg.pr_k, dc_k=cfg.dc_k,
                                                 block_elements=cfg.block_elements)
             for metric in wanted:
