@@ -51,8 +51,12 @@ def _blocks(queries: np.ndarray, refs: np.ndarray, block_elements: int):
         q_sq = np.einsum("ij,ij->i", q, q)
         for r0 in range(0, len(refs), rc):
             r = refs[r0:r0 + rc]
-            d2 = q_sq[:, None] + ref_sq[None, r0:r0 + rc] - 2.0 * (q @ r.T)
-            yield q0, r0, np.sqrt(np.maximum(d2, 0.0))
+            d = q @ r.T  # in place from here on: one block of memory
+            d *= -2.0
+            d += q_sq[:, None]
+            d += ref_sq[None, r0:r0 + rc]
+            np.maximum(d, 0.0, out=d)
+            yield q0, r0, np.sqrt(d, out=d)
 
 
 def k_nearest(queries: np.ndarray, refs: np.ndarray, k: int, *, exclude_self: bool = False,
