@@ -97,7 +97,9 @@ def train(cfg, dataset: ImageDataset) -> Classifier:
     pixel shifts) and measure accuracy on the held-out part."""
     if dataset.labels is None or dataset.num_classes < 2:
         raise ValueError(f"the feature classifier needs a labelled data set; {dataset.name} has "
-                         "no labels (use FID/KID or sliced Wasserstein instead)")
+                         "no labels. It serves config.eval.metrics 'classifier_fd' and, without "
+                         "eval.inception_weights, memorisation/precision_recall/"
+                         "density_coverage: set eval.inception_weights, or keep to swd")
     model = SmallCNN(dataset.num_classes, cfg.width, cfg.feature_dim)
     train_idx, test_idx = _split(len(dataset), cfg.test_fraction, cfg.seed)
     key = jax.random.PRNGKey(cfg.seed)
