@@ -16,7 +16,9 @@ samples against the 5,000 clean originals, PSNR of D^(k) against the originals.
 ``--plan`` lists seed:variant pairs (default: seed 0 for σ_ζ = 0.2 and 0.59, seed 1 for 0.2);
 ``--rows`` picks rows (default all); ``--compute_dtype bfloat16`` trains every row with mixed
 precision (config.model.compute_dtype; use a new --out) to measure its effect on quality.
-Every run resumes where it stopped; re-running the command only redoes what is missing.
+Every run resumes where it stopped; re-running the command only redoes what is missing, and
+``--finished_only`` tabulates the rows finished so far without training anything (a table built
+across sessions).
 Writes OUT/results.json, OUT/table.md and the figures OUT/*.png.
 """
 
@@ -120,7 +122,12 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
 
 
 def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
-            rows: tuple[str, ...] = ROW_ORDER, compute_dtype: str = "float32") -> list[dict]:
+            rows: tuple[str, ...] = ROW_ORDER, compute_dtype: str = "float32",
+            finished_only: bool = False) -> list[dict]:
+    """The result rows of ``plan`` × ``rows``, training what is missing (``finished_only``:
+    read back the finished rows only, train nothing)."""
+    from sfbd_jax.utils import jsonfile
+
     unknown = set(rows) - set(ROW_ORDER)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; known: {ROW_ORDER}")
@@ -131,6 +138,10 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
             if key in seen:
                 continue
             seen.add(key)
+            if finished_only:
+                results.extend(jsonfile.read_json(os.path.join(
+                    row_workdir(out, seed, variant, row), "reproduce_row.json"), []))
+                continue
             print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
             results.extend(run_row(variant, seed, row, out, budget_scale, compute_dtype))
     return results
@@ -332,6 +343,8 @@ def main(argv: list[str] | None = None) -> str:
                         help=f"comma-separated rows to run, of {','.join(ROW_ORDER)}")
     parser.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"],
                         help="config.model.compute_dtype of every row (use a new --out)")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="tabulate the rows already finished; train nothing")
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
@@ -340,7 +353,8 @@ def main(argv: list[str] | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     start = time.time()
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype), out)
+    text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype,
+                          args.finished_only), out)
     print(text)
     print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
     return text

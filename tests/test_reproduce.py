@@ -51,6 +51,7 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
             assert img.size[0] > 200 and img.size[1] > 200
     # Re-running finds every row done: nothing is trained again, the table is the same.
     assert reproduce_mnist.main(["--out", out, "--smoke"]) == text
+    assert reproduce_mnist.main(["--out", out, "--smoke", "--finished_only"]) == text
 
 
 def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
