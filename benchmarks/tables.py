@@ -9,8 +9,8 @@ import numpy as np
 NEIGHBOUR_COLUMNS = (
     ("memorised_fraction_train_pixel", "memorised: train set, px", 3),
     ("d1_ratio_train_pixel", "d₁ ratio: train set, px", 2),
+    ("copy_ratio_train_pixel", "copy ratio: train set, px", 2),
     ("memorised_fraction_data_pixel", "memorised: all clean, px", 3),
-    ("d1_ratio_data_features", "d₁ ratio: all clean, feat.", 2),
     ("precision", "precision ↑", 3), ("recall", "recall ↑", 3),
     ("density", "density", 3), ("coverage", "coverage ↑", 3))
 

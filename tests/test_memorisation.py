@@ -185,6 +185,7 @@ def mnist_evaluator(tmp_path_factory):
 
 
 def test_evaluator_sees_a_copying_generator_and_not_an_honest_one(mnist_evaluator, tmp_path):
+    from sfbd_jax.data import sources
     from sfbd_jax.evaluation.training_sets import TrainingImages
 
     ev, reference = mnist_evaluator
@@ -192,13 +193,27 @@ def test_evaluator_sees_a_copying_generator_and_not_an_honest_one(mnist_evaluato
     copies = train.images[np.arange(200) % 50]  # a generator that only replays its 50
     png = str(tmp_path / "copies.png")
     copied = ev.evaluate(copies, train=train, copies_path=png)
-    honest = ev.evaluate(reference.images[250:450], train=train)  # other real digits
+    # Other real digits, none of them in the reference (a model that generalises perfectly).
+    unseen = sources.load_mnist5k().images[5::10][:200]
+    honest = ev.evaluate(unseen, train=train)
     assert ev.neighbour_space == "classifier" and "classifier_fd" not in copied
     assert copied["memorised_fraction_train_pixel"] == 1.0
     assert copied["memorised_fraction_train_features"] == 1.0
     assert copied["d1_ratio_train_pixel"] < 1e-3
     assert honest["memorised_fraction_train_pixel"] < 0.05
     assert honest["d1_ratio_train_pixel"] == pytest.approx(1.0, abs=0.15)
+    # Nearer to the training images than to as many unseen ones: only the copier.
+    assert copied["copy_ratio_train_pixel"] < 1e-3 and copied["copy_ratio_train_features"] < 1e-3
+    assert honest["copy_ratio_train_pixel"] == pytest.approx(1.0, abs=0.15)
+    # Blurred samples are worse, not copies. Blur shortens every pixel distance, so the d1
+    # ratio against held-out real images drops as if the model copied; the copy ratio, whose
+    # two distances are both from the samples, does not move.
+    import scipy.ndimage
+
+    blurred = scipy.ndimage.gaussian_filter(unseen, (0, 1.5, 1.5, 0))
+    worse = ev.evaluate(blurred, train=train)
+    assert worse["copy_ratio_train_pixel"] == pytest.approx(1.0, abs=0.15)
+    assert worse["d1_ratio_train_pixel"] < honest["d1_ratio_train_pixel"] - 0.1
     # Against all 500 reference digits (leave-one-out baseline): the copies are in it too.
     assert copied["memorised_fraction_data_pixel"] == 1.0
     assert copied["heldout_data"] == "leave_one_out (500)"
@@ -226,6 +241,7 @@ def test_evaluator_training_set_equal_to_the_reference_is_measured_once(mnist_ev
     for key in ("memorised_fraction", "median_d1", "d1_ratio"):
         for space in ("pixel", "features"):
             assert out[f"{key}_train_{space}"] == out[f"{key}_data_{space}"]
+    assert "copy_ratio_train_pixel" not in out  # no unseen real images to compare with
     assert out["memorised_fraction_train_pixel"] == 1.0
     with pytest.raises(ValueError, match="at least 2 training images"):
         ev.evaluate(reference.images[:10], train=TrainingImages(reference.images[:1], "one"))

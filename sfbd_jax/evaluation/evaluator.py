@@ -10,7 +10,8 @@ Metrics (``config.eval.metrics``, comma-separated):
                    eval.memorisation_threshold) and the median d1 against that of real images
                    outside the training set (``neighbours.memorisation``), against the run's
                    training images (``train``: e.g. SFBD's clean subset) and against the whole
-                   clean reference (``data``)
+                   clean reference (``data``); for ``train``, also copy_ratio: the samples'
+                   median d1 to the training set over that to an equally large held-out set
     precision_recall, density_coverage
                    k-NN manifold metrics in the evaluation features (``neighbours``)
 
@@ -274,6 +275,17 @@ class Evaluator:
                             "d1_ratio"):
                     out[f"{key}_{set_name}_{space}"] = summary[key]
                 out[f"heldout_{set_name}"] = f"{summary['heldout']} ({summary['heldout_count']})"
+                if outside is not None and len(outside) >= len(train_rows):
+                    # The samples' nearest-neighbour distance to the training set over that to
+                    # an equally large set of real images never trained on: ≈ 1 when the model
+                    # generalises, < 1 when it copies — whatever the samples' quality, which
+                    # moves both distances alike.
+                    twin = outside[_seeded_subset(len(outside), len(train_rows),
+                                                  cfg.reference_seed + 2)]
+                    to_twin = neighbours.k_nearest(sample_rows, ref_rows[twin], 1,
+                                                   block_elements=cfg.block_elements)[0]
+                    out[f"copy_ratio_{set_name}_{space}"] = float(
+                        np.median(mem.d1) / np.median(to_twin))
                 if space != "pixel":
                     continue
                 top = mem.most_copied(max(cfg.copy_pairs, 1))
