@@ -316,8 +316,10 @@ def report(results: list[dict], out: str) -> str:
     text = table(results)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
-    plot_metrics(results, os.path.join(out, "mnist_metrics_vs_round.png"))
-    plot_samples(results, os.path.join(out, "mnist_samples.png"))
+    if any(r["sigma"] is not None for r in results):  # rows that depend on σ_ζ
+        plot_metrics(results, os.path.join(out, "mnist_metrics_vs_round.png"))
+    if results:
+        plot_samples(results, os.path.join(out, "mnist_samples.png"))
     for sigma in sorted({r["sigma"] for r in results if r["row"] == "sfbd"}):
         plot_triptych(results, sigma, os.path.join(out, f"mnist_triptych_sigma{sigma}.png"))
     return text
