@@ -11,7 +11,9 @@ Rows (configs/reproduce_mnist.py; the same network and number of training images
   tweediediff  the ambient loss on the noisy data with σ_n = σ_ζ, each noisy image used only at
                σ > σ_ζ·√(4/3) (Ambient-Omni's mode=ambient, annotation 'fixed'), + the 50 clean
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of generated
-samples against the 5,000 clean originals, PSNR of D^(k) against the originals.
+samples against the 5,000 clean originals, memorisation (against the row's clean training images
+and all 5,000), precision/recall and density/coverage in the classifier's features, PSNR of
+D^(k) against the originals; mean ± 95% interval over seeds.
 
 ``--plan`` lists seed:variant pairs (default: seed 0 for σ_ζ = 0.2 and 0.59, seed 1 for 0.2);
 ``--rows`` picks rows (default all); ``--compute_dtype bfloat16`` trains every row with mixed

@@ -245,25 +245,27 @@ class Evaluator:
         reference = self.reference.images
         sets = [("data", reference, ref_feats, None)]
         out: dict = {}
+        # A training set that is the reference (e.g. the oracle's) is measured once, as 'train',
+        # and reported under both names: no second feature pass, no second neighbour search.
+        same = False
         if train is not None:
             if len(train) < 2:
                 raise ValueError(f"memorisation needs at least 2 training images; the run's "
                                  f"training set {train.name!r} has {len(train)}")
-            outside = rows_outside(reference, train.images)
-            if len(outside) < _MIN_OUTSIDE:
-                outside = None
-            else:
-                outside = outside[_seeded_subset(len(outside), cfg.heldout_max,
-                                                 cfg.reference_seed)]
-            sets.insert(0, ("train", np.asarray(train.images, np.float32),
-                            extractor.features(train.images), outside))
             out.update(train_set=train.name, train_count=int(len(train)))
             same = _images_digest(train.images) == _images_digest(reference)
+            if same:
+                sets = [("train", reference, ref_feats, None)]
+            else:
+                outside = rows_outside(reference, train.images)
+                if len(outside) < _MIN_OUTSIDE:
+                    outside = None
+                else:
+                    outside = outside[_seeded_subset(len(outside), cfg.heldout_max,
+                                                     cfg.reference_seed)]
+                sets.insert(0, ("train", np.asarray(train.images, np.float32),
+                                extractor.features(train.images), outside))
         for set_name, set_images, set_feats, outside in sets:
-            if set_name == "data" and train is not None and same:
-                out.update({k.replace("_train_", "_data_").replace("_train", "_data"): v
-                            for k, v in list(out.items()) if "_train" in k})
-                continue
             for space, sample_rows, train_rows, ref_rows in (
                     ("pixel", images, set_images, reference), ("features", feats, set_feats,
                                                                ref_feats)):
@@ -298,6 +300,9 @@ class Evaluator:
                     images_lib.save_png(images_lib.make_grid(pairs, columns=len(top)),
                                         copies_path)
                     out["copies_png"] = os.path.basename(copies_path)
+        if same:
+            out.update({k.replace("_train_", "_data_").replace("_train", "_data"): v
+                        for k, v in list(out.items()) if "_train" in k})
         return out
 
     def evaluate_model(self, experiment, params, num: int, key: jax.Array,
