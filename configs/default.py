@@ -214,6 +214,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 250
     c.train.max_checkpoints = 3
     c.train.async_checkpoints = True
+    # A damaged latest checkpoint (integrity record mismatch, unreadable) stops the run; True
+    # resumes from the newest intact one instead, moving the damaged ones to checkpoints.damaged/.
+    c.train.fallback_to_intact_checkpoint = False
     c.train.sample_every_steps = 500  # 0 = only at the end.
     c.train.num_samples = 64
     return c

@@ -61,4 +61,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from sfbd_jax import cli
+
+    cli.run(main, lambda: FLAGS.workdir)

@@ -90,8 +90,6 @@ def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from sfbd_jax import cli, main
 
-    from sfbd_jax import main
-
-    app.run(lambda argv: main.main(argv, mode="eval"))
+    cli.run(lambda argv: main.main(argv, mode="eval"), main.run_dir)

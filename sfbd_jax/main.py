@@ -44,5 +44,12 @@ def main(argv, mode: str | None = None):
         run.run(FLAGS.config, FLAGS.workdir)
 
 
+def run_dir() -> str | None:
+    """Where errors.log goes: the run directory."""
+    return FLAGS.workdir
+
+
 if __name__ == "__main__":
-    app.run(main)
+    from sfbd_jax import cli
+
+    cli.run(main, run_dir)

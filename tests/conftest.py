@@ -51,6 +51,26 @@ def tiny_config(image_size: int = 8, channels: int = 1) -> ml_collections.Config
     return c
 
 
+def largest_data_file(step_dir) -> str:
+    """The largest file of a checkpoint step directory (its array data)."""
+    from sfbd_jax.utils import integrity
+
+    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names
+             if name != integrity.RECORD]
+    return max(files, key=os.path.getsize)
+
+
+def flip_bytes(path: str, count: int = 16) -> None:
+    """Invert ``count`` bytes in the middle of the file (size unchanged)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(count)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+
 @pytest.fixture
 def two_devices():
     if len(jax.devices()) < 2:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import flip_bytes, tiny_config
 from PIL import Image
 
 from sfbd_jax import corruptions
@@ -388,7 +388,11 @@ def test_annotate_command_steps(image_folder, tmp_path):
     assert made["record"]["summary"]["count"] == 32
     assert made["record"]["classifier"] == json.load(
         open(os.path.join(workdir, "annotator", folder, "meta.json")))
-    with open(os.path.join(workdir, "annotator", folder, "params.msgpack"), "r+b") as f:
+    params = os.path.join(workdir, "annotator", folder, "params.msgpack")
+    flip_bytes(params)  # still valid msgpack: only the integrity record sees it
+    with pytest.raises(ValueError, match="cannot read the noise classifier.*contents changed"):
+        annotate_command(c, workdir, "train_classifier")
+    with open(params, "r+b") as f:
         f.truncate(100)
     with pytest.raises(ValueError, match="cannot read the noise classifier"):
         annotate_command(c, workdir, "train_classifier")

@@ -1,11 +1,13 @@
 """Orbax save → restore is bit-exact; unreadable checkpoints raise and are never deleted."""
 
+import json
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import flip_bytes, largest_data_file, tiny_config
 from test_training import run_steps
 
 from sfbd_jax.utils import devices
@@ -64,3 +66,72 @@ def test_corrupt_checkpoint_raises_a_clear_error_and_stays(tmp_path, trained):
     # A fresh experiment resuming from this directory reports the same error.
     with pytest.raises(CheckpointError, match="left in place"):
         exp.restore_or_init(Checkpointer(str(directory)))
+
+
+def test_every_save_gets_an_integrity_record_even_when_asynchronous(tmp_path, trained):
+    from sfbd_jax.utils import integrity
+
+    _, state = trained
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2, enable_async=True)
+    for step in (1, 2, 3):
+        ckpt.save(step, state)
+    ckpt.close()
+    for step in (2, 3):
+        assert integrity.verify_record(str(tmp_path / "ckpt" / str(step)))
+    record = json.loads((tmp_path / "ckpt" / "3" / integrity.RECORD).read_text())
+    assert any("ocdbt" in f for f in record["files"])  # the array data is covered
+
+
+def test_flipped_bytes_in_thelargest_data_file_are_caught(tmp_path, trained):
+    exp, state = trained
+    directory = tmp_path / "ckpt"
+    ckpt = Checkpointer(str(directory), enable_async=True)
+    ckpt.save(2, state)
+    ckpt.close()
+    target = largest_data_file(directory / "2")
+    flip_bytes(target)
+    before = sorted(p for p, _, _ in os.walk(directory))
+    rel = os.path.relpath(target, directory / "2")
+    with pytest.raises(CheckpointError, match=rf"step 2 is damaged.*{re.escape(rel)}"):
+        Checkpointer(str(directory)).restore_latest(exp.abstract_state())
+    with pytest.raises(CheckpointError, match="fallback_to_intact_checkpoint"):
+        exp.restore_or_init(Checkpointer(str(directory)))
+    assert sorted(p for p, _, _ in os.walk(directory)) == before  # nothing deleted or moved
+
+
+def test_fallback_resumes_from_the_newest_intact_checkpoint_and_keeps_the_damaged(
+        tmp_path, trained):
+    exp, state = trained
+    directory = tmp_path / "ckpt"
+    ckpt = Checkpointer(str(directory), max_to_keep=None, enable_async=False)
+    for step in (1, 2, 3):
+        ckpt.save(step, state.replace(step=state.step * 0 + step))
+    ckpt.close()
+    flip_bytes(largest_data_file(directory / "3"))
+    flip_bytes(largest_data_file(directory / "2"))
+    fallback = Checkpointer(str(directory), max_to_keep=None, enable_async=False,
+                            fallback=True)
+    restored = fallback.restore_latest(exp.abstract_state())
+    assert int(restored.step) == 1
+    assert fallback.all_steps() == [1]
+    assert sorted(os.listdir(f"{directory}.damaged")) == ["2", "3"]  # moved, not deleted
+    fallback.save(2, restored)  # training goes on past the damaged steps
+    fallback.close()
+    assert Checkpointer(str(directory)).all_steps() == [1, 2]
+    # Nothing intact at or after the phase start: an error, nothing moved.
+    flip_bytes(largest_data_file(directory / "2"))
+    with pytest.raises(CheckpointError, match="no intact checkpoint at or after step 2"):
+        Checkpointer(str(directory), fallback=True).restore_latest(exp.abstract_state(), 2)
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_a_checkpoint_without_a_record_is_restored_unverified(tmp_path, trained):
+    from sfbd_jax.utils import integrity
+
+    exp, state = trained
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), enable_async=False)
+    ckpt.save(2, state)
+    ckpt.close()
+    os.remove(tmp_path / "ckpt" / "2" / integrity.RECORD)  # as saved by an older version
+    restored = Checkpointer(str(tmp_path / "ckpt")).restore_latest(exp.abstract_state())
+    assert int(restored.step) == int(state.step)

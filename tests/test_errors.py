@@ -1,11 +1,12 @@
 """Bad input gets a clear error naming the problem."""
 
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import flip_bytes, largest_data_file, tiny_config
 from test_training import tiny_dataset
 
 from sfbd_jax.data import pipeline
@@ -56,13 +57,56 @@ def test_bad_config_values_name_the_key():
         Experiment(config, devices.make_data_mesh(1))
 
 
+def run_cli(*args: str, module: str = "sfbd_jax.main") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 1, no traceback, and the error on one line naming every fragment."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sfbd_jax: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
 def test_unknown_config_key_on_the_command_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "sfbd_jax.main", "--config", "configs/mnist_edm.py",
-         "--workdir", str(tmp_path), "--config.train.no_such_key=1"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "no_such_key" in proc.stderr
+    proc = run_cli("--config", "configs/mnist_edm.py", "--workdir", str(tmp_path),
+                   "--config.train.no_such_key=1")
+    assert_one_line_error(proc, "unknown config key 'train.no_such_key'", "mnist_edm.py")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("--config", "configs/mnist_edm.py", "--workdir", str(tmp_path),
+                   "--config.train.batch_size=abc")
+    assert_one_line_error(proc, "--config.train.batch_size=abc")
+
+
+def test_a_damaged_checkpoint_on_the_command_line(tmp_path):
+    """The CLI names the damaged step and file in one line; the traceback goes to
+    errors.log (and to stderr with --verbose_errors); no file is deleted."""
+    from configs import sfbd_smoke
+    from sfbd_jax.utils.checkpoints import Checkpointer
+
+    config = sfbd_smoke.get_config()
+    config.mode = "edm"
+    exp = Experiment(config, devices.make_data_mesh(1))
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), enable_async=False)
+    ckpt.save(2, exp.init_state())
+    ckpt.close()
+    target = largest_data_file(tmp_path / "checkpoints" / "2")
+    flip_bytes(target)
+    files_before = sorted(p for p, _, _ in os.walk(tmp_path / "checkpoints"))
+    args = ("--config", "configs/sfbd_smoke.py", "--workdir", str(tmp_path),
+            "--config.mode=edm", "--config.train.total_images=64")
+    line = assert_one_line_error(run_cli(*args), "step 2 is damaged",
+                                 os.path.basename(target), "fallback_to_intact_checkpoint")
+    assert str(tmp_path / "errors.log") in line
+    assert "Traceback" in (tmp_path / "errors.log").read_text()
+    verbose = run_cli(*args, "--verbose_errors")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    assert sorted(p for p, _, _ in os.walk(tmp_path / "checkpoints")) == files_before
 
 
 def test_nan_loss_stops_with_a_clear_error():

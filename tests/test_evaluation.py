@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
-from conftest import tiny_config
+from conftest import flip_bytes, tiny_config
 
 from sfbd_jax.data import sources
 from sfbd_jax.evaluation import classifier, distances, evaluator, inception, torch_pickle
@@ -180,8 +180,13 @@ def test_fid_and_kid_pipeline_with_random_inception_weights(random_inception, tm
     assert same["fid"] == pytest.approx(0.0, abs=1e-3) and same["swd"] == pytest.approx(0.0)
     assert noise["fid"] > 10 * max(same["fid"], 1e-3) and noise["kid"] > same["kid"]
     assert noise["swd"] > 0.1
-    cached = os.listdir(os.path.join(c.eval.cache_dir, "reference"))
-    assert len(cached) == 1 and cached[0].startswith("inception-")
+    cached = sorted(os.listdir(os.path.join(c.eval.cache_dir, "reference")))
+    assert len(cached) == 2 and cached[0].startswith("inception-")
+    assert cached[1] == cached[0] + ".sha256"  # its integrity side-car
+    # Flipped bytes in the cached statistics are caught before they are used.
+    flip_bytes(os.path.join(c.eval.cache_dir, "reference", cached[0]))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        evaluator.Evaluator(c, devices.make_data_mesh(), reference).evaluate(reference.images)
 
 
 # ----- feature classifier ----------------------------------------------------------------
@@ -213,6 +218,9 @@ def test_classifier_is_trained_once_then_loaded_from_cache(tmp_path):
     # A damaged cache is reported, not silently retrained over.
     cfg.seed = 0
     entry = tmp_path / "classifier" / classifier.fingerprint(cfg, subset) / "params.msgpack"
+    flip_bytes(str(entry))  # still valid msgpack: only the integrity record sees it
+    with pytest.raises(ValueError, match="params.msgpack: contents changed"):
+        classifier.load_or_train(cfg, subset, str(tmp_path))
     entry.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="delete that directory"):
         classifier.load_or_train(cfg, subset, str(tmp_path))

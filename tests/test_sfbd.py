@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import flip_bytes, largest_data_file, tiny_config
 from PIL import Image
 
 from sfbd_jax.data import shards
@@ -93,7 +93,16 @@ def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, mo
             m.setattr(*patch)
             with pytest.raises(KeyboardInterrupt):
                 run(sfbd_config(image_folder), workdir)
-    resumed = run(sfbd_config(image_folder), workdir)
+    # Damage the two checkpoints of the unfinished round 2 (steps 8 and 10): the run stops
+    # with the named error; with the fallback switch it restarts round 2 from rounds/1.
+    for step in (8, 10):
+        flip_bytes(largest_data_file(os.path.join(workdir, "checkpoints", str(step))))
+    with pytest.raises(checkpoints.CheckpointError, match="step 10 is damaged"):
+        run(sfbd_config(image_folder), workdir)
+    config = sfbd_config(image_folder)
+    config.train.fallback_to_intact_checkpoint = True
+    resumed = run(config, workdir)
+    assert sorted(os.listdir(workdir + "/checkpoints.damaged")) == ["10", "8"]
     assert int(resumed.step) == int(straight.step)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

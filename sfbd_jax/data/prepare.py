@@ -297,10 +297,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from sfbd_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                     lock_config=True)
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, lambda: flags.FLAGS.config.corrupt.output_dir or None)

@@ -26,7 +26,7 @@ from absl import logging
 from flax import serialization
 
 from sfbd_jax.data.sources import ImageDataset
-from sfbd_jax.utils import jsonfile
+from sfbd_jax.utils import integrity, jsonfile
 
 
 class SmallCNN(nn.Module):
@@ -148,6 +148,7 @@ def load_or_train(cfg, dataset: ImageDataset, cache_dir: str) -> Classifier:
         template = model.init(jax.random.PRNGKey(0),
                               jnp.zeros((1, *dataset.images.shape[1:])))["params"]
         try:
+            integrity.verify_record(directory)
             with open(params_path, "rb") as f:
                 params = serialization.from_bytes(template, f.read())
         except (OSError, ValueError, KeyError) as err:
@@ -164,5 +165,6 @@ def load_or_train(cfg, dataset: ImageDataset, cache_dir: str) -> Classifier:
         with open(tmp, "wb") as f:
             f.write(serialization.to_bytes(jax.device_get(classifier.params)))
         os.replace(tmp, params_path)
-        jsonfile.write_json(meta_path, classifier.meta)  # written last: marks the cache valid
+        jsonfile.write_json(meta_path, classifier.meta)  # marks the cache valid
+        integrity.write_record(directory)
     return Classifier(classifier.model, classifier.params, dict(classifier.meta, cached=False))

@@ -39,7 +39,7 @@ from sfbd_jax.data import sources
 from sfbd_jax.evaluation import distances, features, neighbours
 from sfbd_jax.evaluation.training_sets import TrainingImages
 from sfbd_jax.utils import images as images_lib
-from sfbd_jax.utils import jsonfile
+from sfbd_jax.utils import integrity, jsonfile
 
 _INCEPTION_METRICS = ("fid", "kid")
 _NEIGHBOUR_METRICS = ("memorisation", "precision_recall", "density_coverage")
@@ -135,6 +135,7 @@ class Evaluator:
         path = os.path.join(self.cache_dir, "reference", key + ".npz")
         if os.path.exists(path):
             try:
+                integrity.verify_sidecar(path)
                 with np.load(path) as f:
                     stats = {k: f[k] for k in f.files}
             except (OSError, ValueError) as err:
@@ -156,6 +157,7 @@ class Evaluator:
             tmp = path + ".tmp.npz"
             np.savez(tmp, **stats)
             os.replace(tmp, path)
+            integrity.write_sidecar(path)
         logging.info("Reference statistics of %d images (%s) in %.1f s, cached at %s.",
                      len(feats), extractor.name, time.time() - start, path)
         return stats

@@ -232,8 +232,8 @@ def run_ambient(config, workdir: str) -> TrainState:
                  "low-quality share of the batches %.3f.", facts["clean"],
                  facts["low_quality"], facts["annotation"], facts["sigma_n"],
                  facts["low_quality_share"])
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    config.train.max_checkpoints, config.train.async_checkpoints)
+    ckpt = checkpoints.Checkpointer.for_training(os.path.join(workdir, "checkpoints"),
+                                                 config.train)
     try:
         state = experiment.restore_or_init(ckpt)
         with metric_writers.ensure_flushes(writer):

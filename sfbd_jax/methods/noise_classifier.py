@@ -29,7 +29,7 @@ from absl import logging
 from flax import serialization
 
 from sfbd_jax.models import precond, unet
-from sfbd_jax.utils import devices, jsonfile
+from sfbd_jax.utils import devices, integrity, jsonfile
 
 
 def build_model(cfg, image_size: int) -> unet.NoiseClassifier:
@@ -146,6 +146,7 @@ def save(directory: str, params: dict, meta: dict) -> None:
         f.write(serialization.to_bytes(params))
     os.replace(tmp, os.path.join(directory, "params.msgpack"))
     jsonfile.write_json(os.path.join(directory, "meta.json"), meta)
+    integrity.write_record(directory)
 
 
 def load(directory: str, template: dict) -> tuple[dict, dict] | None:
@@ -155,6 +156,7 @@ def load(directory: str, template: dict) -> tuple[dict, dict] | None:
     if not os.path.exists(path) or not os.path.exists(os.path.join(directory, "meta.json")):
         return None
     try:
+        integrity.verify_record(directory)
         with open(path, "rb") as f:
             params = serialization.from_bytes(template, f.read())
     except Exception as err:  # msgpack raises several types on damaged bytes

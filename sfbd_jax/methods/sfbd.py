@@ -109,9 +109,8 @@ class SFBDRun:
 
         writer = metric_writers.create_default_writer(self.workdir,
                                                       just_logging=jax.process_index() > 0)
-        ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                        config.train.max_checkpoints,
-                                        config.train.async_checkpoints)
+        ckpt = checkpoints.Checkpointer.for_training(
+            os.path.join(self.workdir, "checkpoints"), config.train)
         rounds_ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, "rounds"), None,
                                                enable_async=False)
         self.rounds_ckpt = rounds_ckpt
@@ -119,7 +118,7 @@ class SFBDRun:
         progress = jsonfile.read_json(progress_path, {"done": []})
         summary = jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])
         try:
-            state = exp.restore_or_init(ckpt)
+            state = self._restore_or_init(ckpt, progress)
             with metric_writers.ensure_flushes(writer):
                 # Pretraining (round 0).
                 if int(state.step) < self.end_step(0):
@@ -158,6 +157,24 @@ class SFBDRun:
             rounds_ckpt.close()
         self._log_table(summary)
         return state
+
+    def _restore_or_init(self, ckpt: checkpoints.Checkpointer, progress: dict) -> TrainState:
+        """Resume within the current phase. With the fallback switch on, a damaged checkpoint
+        is replaced by the newest intact one of this phase, else by the state that ended the
+        last finished round (rounds/<k>), never by one of an earlier phase."""
+        done = [0] if "pretrain" in progress["done"] else []
+        done += [k for k in range(1, self.config.sfbd.rounds + 1)
+                 if f"round{k}/forward" in progress["done"]]
+        earliest = self.end_step(max(done)) if done else 0
+        try:
+            return self.experiment.restore_or_init(ckpt, earliest)
+        except checkpoints.CheckpointError as err:
+            if not (ckpt.fallback and done):
+                raise
+            ckpt.set_aside(list(err.damaged_steps))
+            logging.warning("No intact checkpoint of the current phase: resuming from the "
+                            "state that ended round %d (rounds/%d).", max(done), max(done))
+            return self.rounds_ckpt.restore(max(done), self.experiment.abstract_state())
 
     # ----- phases -----------------------------------------------------------------------
     def _backward(self, k: int, state: TrainState, noisy: ImageDataset,

@@ -77,10 +77,12 @@ class Experiment:
         shapes = jax.eval_shape(self._init, self.base_key)
         return checkpoints.abstract_like(shapes, devices.replicated(self.mesh))
 
-    def restore_or_init(self, checkpointer: checkpoints.Checkpointer) -> TrainState:
-        """The latest checkpoint under ``checkpointer`` if any (errors are raised, never
-        skipped), else a fresh state."""
-        state = checkpointer.restore_latest(self.abstract_state())
+    def restore_or_init(self, checkpointer: checkpoints.Checkpointer,
+                        earliest_step: int = 0) -> TrainState:
+        """The latest checkpoint under ``checkpointer`` if any, else a fresh state. A damaged
+        one raises, unless the checkpointer falls back (then the newest intact one at or after
+        ``earliest_step``)."""
+        state = checkpointer.restore_latest(self.abstract_state(), earliest_step)
         if state is None:
             logging.info("No checkpoint in %s: starting from scratch.", checkpointer.directory)
             return self.init_state()
@@ -280,9 +282,8 @@ def train_and_evaluate(config, workdir: str,
     if dataset is None:
         dataset = edm_dataset(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            config.train.max_checkpoints,
-                                            config.train.async_checkpoints)
+    checkpointer = checkpoints.Checkpointer.for_training(os.path.join(workdir, "checkpoints"),
+                                                         config.train)
     try:
         state = experiment.restore_or_init(checkpointer)
         logging.info("Training on %d devices (%s), global batch %d, %d images of %s.",
