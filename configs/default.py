@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.split = "train"  # source 'tfds': any tfds split expression.
     c.data.data_dir = ""  # source 'tfds': the prepared tfds data dir ('' = tfds default).
     c.data.folder = ""  # source 'folder': a directory of image files.
+    # source 'folder': files that cannot be read (or cropped) stop the run, all listed at once
+    # ('refuse'), or are listed in the log and left out ('skip').
+    c.data.unreadable_files = "refuse"
     c.data.image_size = 28  # images are centre-cropped (below) then resized to this.
     c.data.center_crop = 0  # crop to this square first; 0 = none (CelebA-64: 140).
     c.data.channels = 1

@@ -29,11 +29,13 @@ def annotate_command(config, workdir: str, step: str) -> dict:
     from clu import metric_writers
 
     from sfbd_jax import run
+    from sfbd_jax.config_checks import validate_config
     from sfbd_jax.data import annotations as annotations_lib
     from sfbd_jax.data import prepare as prepare_lib
     from sfbd_jax.methods import ambient
     from sfbd_jax.utils import devices
 
+    validate_config(config)
     run._setup()
     config = prepare_lib.with_output_dir(config, workdir)
     prepare_lib.prepare_on_main_process(config)

@@ -1,8 +1,22 @@
-"""Checks of a run config that give clear errors before anything is allocated."""
+"""Checks of a run config that give clear errors before anything is allocated.
+
+``validate_config`` runs first in every entry point (``run.run``, ``run.run_evaluation``, the
+annotate command), before JAX starts or any data is read: every value that can be judged from
+the config alone (and the size of an embedded or folder source, which is cheap to know) is
+checked here, naming the key.
+"""
 
 from __future__ import annotations
 
+import os
+
 KNOWN_MODES = ("edm", "sfbd", "ambient")
+KNOWN_SOURCES = ("mnist5k", "tfds", "folder")
+MNIST5K_SIZE = 5000
+CORRUPTION_PARAMS = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
+                     "jpeg": ("quality",), "motion_blur": ("length", "angle_deg"),
+                     "folder": ("folder",)}
+ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude")
 KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd", "memorisation", "precision_recall",
                  "density_coverage")
 
@@ -84,3 +98,149 @@ def validate_config(config) -> None:
     if config.train.total_images < config.train.batch_size:
         raise ValueError("config.train.total_images is smaller than one batch "
                          f"({config.train.total_images} < {config.train.batch_size})")
+    check_data(config)
+    if config.mode in ("sfbd", "ambient") or config.data.use_prepared:
+        check_corruption(config)
+    if config.mode == "sfbd":
+        check_sfbd(config)
+    if config.mode == "ambient":
+        check_ambient(config)
+
+
+def source_size(data) -> int | None:
+    """Images in the source of ``config.data`` when that is cheap to know (the embedded
+    MNIST-5k, an image folder: a directory listing), after ``data.subset``; None for tfds."""
+    if data.source == "mnist5k":
+        n = MNIST5K_SIZE
+    elif data.source == "folder":
+        if not data.folder or not os.path.isdir(data.folder):
+            raise FileNotFoundError(f"config.data.folder={data.folder!r} is not a directory "
+                                    "(source 'folder' reads the images under it)")
+        from sfbd_jax.data.sources import IMAGE_SUFFIXES
+
+        n = sum(name.lower().endswith(IMAGE_SUFFIXES)
+                for _, _, names in os.walk(data.folder) for name in names)
+        if n == 0:
+            raise FileNotFoundError(f"config.data.folder={data.folder!r} holds no images "
+                                    f"({', '.join(IMAGE_SUFFIXES)})")
+    else:
+        return None
+    if data.subset:
+        if not 0 < data.subset <= n:
+            raise ValueError(f"config.data.subset={data.subset} must lie in 1..{n} (the size "
+                             f"of the {data.source} source)")
+        return int(data.subset)
+    return n
+
+
+def check_data(config) -> None:
+    data = config.data
+    if data.source not in KNOWN_SOURCES:
+        raise ValueError(f"config.data.source={data.source!r} is unknown; known: "
+                         f"{KNOWN_SOURCES}")
+    if data.source == "tfds" and not data.tfds_name:
+        raise ValueError("config.data.source='tfds' needs config.data.tfds_name (e.g. "
+                         "'cifar10')")
+    if data.source == "tfds" and data.subset:
+        raise ValueError("config.data.subset applies to the in-memory sources (mnist5k, "
+                         "folder); for tfds slice the split, e.g. --config.data.split="
+                         "'train[:10%]'")
+    if data.source == "folder" and data.channels not in (1, 3):
+        raise ValueError(f"config.data.channels must be 1 or 3 for an image folder, got "
+                         f"{data.channels}")
+    if data.unreadable_files not in ("refuse", "skip"):
+        raise ValueError(f"config.data.unreadable_files={data.unreadable_files!r} is unknown; "
+                         "known: 'refuse', 'skip'")
+    if data.center_crop < 0:
+        raise ValueError(f"config.data.center_crop must be >= 0, got {data.center_crop}")
+    if data.subset < 0:
+        raise ValueError(f"config.data.subset must be >= 0 (0 = all), got {data.subset}")
+
+
+def check_corruption(config) -> None:
+    """The keys of config.corrupt (used by every mode that prepares a data set)."""
+    c = config.corrupt
+    if c.type not in CORRUPTION_PARAMS:
+        raise ValueError(f"config.corrupt.type={c.type!r} is unknown; known: "
+                         f"{sorted(CORRUPTION_PARAMS)}")
+    if c.dtype not in ("float32", "float16"):
+        raise ValueError(f"config.corrupt.dtype must be 'float32' or 'float16', got {c.dtype!r}")
+    checks = {"sigma": (c.sigma >= 0, "must be >= 0 (σ_ζ on the [-1, 1] scale)"),
+              "sigma_px": (c.sigma_px >= 0, "must be >= 0 pixels"),
+              "quality": (1 <= c.quality <= 95, "must lie in 1..95"),
+              "length": (c.length >= 1, "must be >= 1 pixel")}
+    for key in CORRUPTION_PARAMS[c.type]:
+        if key in checks and not checks[key][0]:
+            raise ValueError(f"config.corrupt.{key}={c[key]!r} {checks[key][1]} (corruption "
+                             f"{c.type!r})")
+    if c.type == "folder" and not c.folder:
+        raise ValueError("config.corrupt.type='folder' needs config.corrupt.folder (a directory "
+                         "of low-quality images)")
+    if not 0.0 <= c.label_flip < 1.0:
+        raise ValueError(f"config.corrupt.label_flip must lie in [0, 1), got {c.label_flip}")
+    if c.label_flip and config.data.source == "folder":
+        raise ValueError("config.corrupt.label_flip > 0 needs a labelled data source; "
+                         "an image folder has no labels")
+    if c.shard_size <= 0:
+        raise ValueError(f"config.corrupt.shard_size must be > 0, got {c.shard_size}")
+    if c.clean_count < 0 or not 0.0 <= c.clean_fraction <= 1.0:
+        raise ValueError("config.corrupt.clean_count must be >= 0 and clean_fraction in [0, 1]; "
+                         f"got {c.clean_count} and {c.clean_fraction}")
+    n = source_size(config.data)
+    if n is not None and c.clean_count > n:
+        raise ValueError(f"config.corrupt.clean_count={c.clean_count} exceeds the "
+                         f"{n} images of the source (config.data.source={config.data.source!r}"
+                         f"{', subset' if config.data.subset else ''})")
+
+
+def check_sfbd(config) -> None:
+    """The keys of config.sfbd (and the corruption SFBD can invert)."""
+    cfg = config.sfbd
+    if cfg.rounds < 0 or cfg.clean_repeat < 1:
+        raise ValueError("config.sfbd.rounds must be >= 0 and config.sfbd.clean_repeat >= 1")
+    if config.corrupt.type != "gaussian_noise":
+        raise ValueError("SFBD deconvolves additive Gaussian noise: config.corrupt.type must "
+                         f"be 'gaussian_noise', got {config.corrupt.type!r}")
+    dispatch = config.train.batch_size * config.train.steps_per_dispatch
+    if cfg.pretrain_images < dispatch or (cfg.rounds and cfg.images_per_round < dispatch):
+        raise ValueError("config.sfbd.pretrain_images and images_per_round must each be at "
+                         f"least one dispatch of config.train.batch_size images ({dispatch})")
+    if cfg.backward_num_steps < 1 or cfg.denoise_batch_size <= 0:
+        raise ValueError("config.sfbd.backward_num_steps and denoise_batch_size must be > 0")
+    if cfg.denoise_shard_size <= 0 or cfg.denoise_shard_size % cfg.denoise_batch_size:
+        raise ValueError(f"config.sfbd.denoise_shard_size={cfg.denoise_shard_size} must be a "
+                         f"positive multiple of config.sfbd.denoise_batch_size="
+                         f"{cfg.denoise_batch_size}")
+
+
+def check_ambient(config) -> None:
+    """The keys of config.ambient, including its classifier and annotation grid."""
+    a = config.ambient
+    if a.annotation not in ANNOTATIONS:
+        raise ValueError(f"config.ambient.annotation={a.annotation!r} is unknown; known: "
+                         f"{ANNOTATIONS}")
+    if a.annotation == "file" and not os.path.isfile(a.annotation_file or ""):
+        raise FileNotFoundError(f"config.ambient.annotation_file={a.annotation_file!r} is not a "
+                                "file (annotation 'file' reads σ_min from it)")
+    if a.fixed_sigma_min < 0 or a.fixed_sigma_max < 0:
+        raise ValueError("config.ambient.fixed_sigma_min and fixed_sigma_max must be >= 0")
+    if not a.s_max > 1.0:
+        raise ValueError(f"config.ambient.s_max must be > 1, got {a.s_max}")
+    if a.annotation == "classifier":
+        k, g = a.classifier, a.annotate
+        if k.batch_size <= 0 or k.batch_size % 2 or k.steps <= 0:
+            raise ValueError("config.ambient.classifier.batch_size must be even and > 0, and "
+                             "steps > 0")
+        levels = len(k.channel_mult)
+        if config.data.image_size % 2 ** (levels - 1):
+            raise ValueError(f"image size {config.data.image_size} is not divisible by "
+                             f"2**(levels-1) for config.ambient.classifier.channel_mult="
+                             f"{tuple(k.channel_mult)}")
+        if not (0 < g.sigma_lo < g.sigma_hi and g.num_sigmas >= 2):
+            raise ValueError("config.ambient.annotate needs 0 < sigma_lo < sigma_hi and "
+                             "num_sigmas >= 2")
+        if g.smooth_window < 1 or g.smooth_window % 2 == 0:
+            raise ValueError("config.ambient.annotate.smooth_window must be odd and >= 1, got "
+                             f"{g.smooth_window}")
+        if g.num_draws < 1 or g.batch_size <= 0:
+            raise ValueError("config.ambient.annotate.num_draws and batch_size must be > 0")

@@ -8,6 +8,8 @@ import os
 import jax
 from absl import logging
 
+from sfbd_jax import config_checks
+
 
 def _hide_accelerators_from_tensorflow() -> None:
     """tf.data must never take GPU/TPU memory from JAX."""
@@ -41,6 +43,7 @@ def _setup() -> None:
 
 def run(config, workdir: str):
     """Run the job ``config.mode`` in ``workdir``; returns the final training state."""
+    config_checks.validate_config(config)  # before JAX starts or any data is read
     _setup()
     os.makedirs(workdir, exist_ok=True)
     from sfbd_jax.utils import devices
@@ -64,6 +67,7 @@ def run(config, workdir: str):
 
 def run_evaluation(config, workdir: str, checkpoint: str = "latest") -> dict:
     """Metrics of one checkpoint of the run in ``workdir`` (sfbd_jax/evaluate.py)."""
+    config_checks.validate_config(config)
     _setup()
     from sfbd_jax import evaluate
 

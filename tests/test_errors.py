@@ -138,3 +138,62 @@ def test_diverging_run_raises_instead_of_saving(tmp_path):
         exp.train(exp.init_state(), tiny_dataset(), end_step=8, phase_start_step=0,
                   data_seed=0, checkpointer=ckpt, writer=Writer(), workdir=str(tmp_path))
     assert ckpt.all_steps() == []
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("corrupt.sigma", -0.1, r"config.corrupt.sigma=-0.1 must be >= 0"),
+    ("corrupt.clean_count", 100, r"config.corrupt.clean_count=100 exceeds the 64 images"),
+    ("sfbd.denoise_shard_size", 100, r"denoise_shard_size=100 must be a positive multiple"),
+    ("sfbd.images_per_round", 4, r"config.sfbd.pretrain_images and images_per_round"),
+    ("data.source", "imagenet", r"config.data.source='imagenet' is unknown"),
+    ("data.folder", "/no/such/folder", r"config.data.folder='/no/such/folder' is not a "),
+    ("corrupt.label_flip", 1.5, r"config.corrupt.label_flip must lie in \[0, 1\)"),
+])
+def test_config_values_are_checked_before_any_work(tmp_path, key, value, message):
+    """run() refuses a bad value before JAX starts or any data is read: the run directory is
+    not even created."""
+    from configs import sfbd_smoke
+    from sfbd_jax.run import run
+
+    config = sfbd_smoke.get_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    if key == "data.folder":
+        config.data.source = "folder"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_ambient_keys_are_checked_before_any_work(tmp_path):
+    from configs import ambient_mnist
+    from sfbd_jax.run import run
+
+    for key, value, message in (("annotation", "oracle", "config.ambient.annotation='oracle'"),
+                                ("s_max", 1.0, "config.ambient.s_max must be > 1"),
+                                ("annotation_file", "", "annotation_file=''")):
+        config = ambient_mnist.get_config("blur")
+        config.ambient[key] = value
+        if key == "annotation_file":
+            config.ambient.annotation = "file"
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            run(config, str(tmp_path / "run"))
+        assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_failed_preparation_leaves_nothing_behind(tmp_path):
+    from PIL import Image
+
+    from sfbd_jax.data import prepare
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "bad.png").write_bytes(b"broken")
+    config = tiny_config()
+    config.data.source, config.data.folder = "folder", str(folder)
+    config.corrupt.clean_count, config.corrupt.output_dir = 2, str(tmp_path / "data")
+    with pytest.raises(ValueError, match="bad.png"):
+        prepare.prepare(config)
+    assert sorted(os.listdir(tmp_path)) == ["imgs"]  # no data/, no data.partial/

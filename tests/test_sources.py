@@ -63,6 +63,30 @@ def test_image_folder(tmp_path):
         sources.load_source(c)
 
 
+def test_image_folder_of_mixed_sizes_and_unreadable_files(tmp_path):
+    """Photos as they come: every image is centre-cropped to a square and resized before shapes
+    are compared; unreadable files are all named at once, refused or skipped per config."""
+    rng = np.random.default_rng(0)
+    sizes = [(20, 20), (40, 24), (17, 31), (64, 64)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    c = tiny_config(image_size=16, channels=3).data
+    c.source, c.folder = "folder", str(tmp_path)
+    data = sources.load_source(c)
+    assert data.images.shape == (4, 16, 16, 3)
+    # A 40×24 image: its centred 24×24 square (rows 8..32), resized to 16×16.
+    tall = np.asarray(Image.open(tmp_path / "1.png"))[8:32]
+    expected = sources.resize_images(tall[None], 16)[0]
+    np.testing.assert_array_equal(data.images[1], sources.uint8_to_unit_range(expected))
+    (tmp_path / "broken_a.png").write_bytes(b"not an image")
+    (tmp_path / "broken_b.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(ValueError, match=r"2 of 6 image files.*broken_a\.png.*broken_b\.jpg"
+                                         r".*unreadable_files='skip'"):
+        sources.load_source(c)
+    c.unreadable_files = "skip"
+    assert sources.load_source(c).images.shape == (4, 16, 16, 3)
+
+
 def test_batches_are_a_function_of_seed_and_step():
     indexer = pipeline.BatchIndexer(10, 4, seed=3)
     first = [indexer.indices(s) for s in range(5)]

@@ -32,15 +32,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from sfbd_jax import corruptions
+from sfbd_jax import config_checks, corruptions
 from sfbd_jax.data import shards, sources
 from sfbd_jax.utils import devices
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-PARAMS_BY_TYPE = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
-                  "jpeg": ("quality",), "motion_blur": ("length", "angle_deg"),
-                  "folder": ("folder",)}
+PARAMS_BY_TYPE = config_checks.CORRUPTION_PARAMS
 SOURCE_KEYS = ("source", "tfds_name", "split", "data_dir", "folder", "image_size",
                "center_crop", "channels")
 
@@ -48,18 +46,14 @@ SOURCE_KEYS = ("source", "tfds_name", "split", "data_dir", "folder", "image_size
 def settings_record(config) -> dict:
     """What determines the prepared bytes: the source, the split and the corruption."""
     c = config.corrupt
-    if c.type not in PARAMS_BY_TYPE:
-        raise ValueError(f"config.corrupt.type={c.type!r} is unknown; known: "
-                         f"{sorted(PARAMS_BY_TYPE)}")
-    if c.dtype not in ("float32", "float16"):
-        raise ValueError(f"config.corrupt.dtype must be 'float32' or 'float16', got {c.dtype!r}")
+    config_checks.check_corruption(config)
     source = {k: config.data[k] for k in SOURCE_KEYS}
     if config.data.subset:  # recorded only when used: older manifests stay valid
         source.update(subset=int(config.data.subset), subset_seed=int(config.data.subset_seed))
+    if "folder" in (config.data.source, c.type):  # since images are fitted one by one
+        source.update(fit="centre square, bicubic", unreadable=config.data.unreadable_files)
     extra = {}
     if c.label_flip:  # likewise
-        if not 0.0 < c.label_flip < 1.0:
-            raise ValueError(f"config.corrupt.label_flip must lie in [0, 1), got {c.label_flip}")
         extra["label_flip"] = {"eta": float(c.label_flip), "seed": int(c.label_flip_seed)}
     return {**extra,
         "source": source,
@@ -171,29 +165,9 @@ def read_manifest(directory: str) -> dict:
         raise ValueError(f"cannot read the manifest {path}: {err}") from err
 
 
-def prepare(config) -> dict:
-    """Write (or find already written) the corrupted data set; returns its manifest."""
-    out = os.path.abspath(config.corrupt.output_dir or "")
-    if not config.corrupt.output_dir:
-        raise ValueError("config.corrupt.output_dir is empty: say where to write the data set")
-    record = settings_record(config)
-    if os.path.isfile(os.path.join(out, MANIFEST)):
-        manifest = read_manifest(out)
-        if manifest["settings"] == record:
-            logging.info("%s already holds this prepared data set: nothing to do.", out)
-            return manifest
-        raise FileExistsError(
-            f"{out} holds a data set prepared with other settings; refusing to overwrite. "
-            "Differences (recorded → asked): " + "; ".join(
-                _differences(manifest["settings"], record)) + ". Choose another "
-            "config.corrupt.output_dir.")
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"{out} exists, is not empty and has no {MANIFEST}; refusing to "
-                              "write into it")
-
-    tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def _write_prepared(config, record: dict, tmp: str) -> dict:
+    """Write the shards and the manifest of the prepared set into ``tmp``; returns the
+    manifest."""
     chunk = max(min(int(config.corrupt.shard_size), 4096), 1)
     name, num_classes, chunks = sources.iter_source(config.data, chunk)
     # A counting pass (streams; holds only the labels).
@@ -264,11 +238,42 @@ def prepare(config) -> dict:
                                                   flip["original"][changed])}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def prepare(config) -> dict:
+    """Write (or find already written) the corrupted data set; returns its manifest."""
+    out = os.path.abspath(config.corrupt.output_dir or "")
+    if not config.corrupt.output_dir:
+        raise ValueError("config.corrupt.output_dir is empty: say where to write the data set")
+    record = settings_record(config)
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        manifest = read_manifest(out)
+        if manifest["settings"] == record:
+            logging.info("%s already holds this prepared data set: nothing to do.", out)
+            return manifest
+        raise FileExistsError(
+            f"{out} holds a data set prepared with other settings; refusing to overwrite. "
+            "Differences (recorded → asked): " + "; ".join(
+                _differences(manifest["settings"], record)) + ". Choose another "
+            "config.corrupt.output_dir.")
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists, is not empty and has no {MANIFEST}; refusing to "
+                              "write into it")
+
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed preparation; never a finished set
+    os.makedirs(tmp)
+    try:
+        manifest = _write_prepared(config, record, tmp)
+    except BaseException:  # a failed preparation leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(out):
         os.rmdir(out)  # empty (checked above)
     os.replace(tmp, out)
-    logging.info("Prepared %s: %d clean + %d corrupted images in %s", name,
-                 len(clean_idx), len(noisy_idx), out)
+    logging.info("Prepared %s: %d clean + %d corrupted images in %s", manifest["source_name"],
+                 manifest["counts"]["clean"], manifest["counts"]["noisy"], out)
     return manifest
 
 

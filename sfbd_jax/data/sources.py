@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 MNIST5K_RELATIVE_PATH = os.path.join("data", "data", "mnist_5k.csv.gz")
@@ -129,13 +130,28 @@ def iter_tfds(name: str, split: str, data_dir: str | None = None, chunk_size: in
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def load_folder(path: str, channels: int) -> tuple[np.ndarray, None, int]:
+def fit_image(pixels: np.ndarray, size: int, center_crop: int = 0) -> np.ndarray:
+    """One uint8 (H, W, C) image as (size, size, C): centre-cropped to ``center_crop``² (or, when
+    that is 0 and the image is not square, to its largest centred square), then resized."""
+    h, w = pixels.shape[:2]
+    crop = center_crop or (min(h, w) if h != w else 0)
+    return resize_images(pixels[None], size, crop)[0]
+
+
+def load_folder(path: str, channels: int, image_size: int | None = None, center_crop: int = 0,
+                unreadable: str = "refuse") -> tuple[np.ndarray, None, int]:
     """Every image file under ``path`` (sorted by relative path), as uint8 (N, H, W, C).
 
-    All images must share one size (set data.image_size / data.center_crop to resize them).
+    With ``image_size`` every image is first fitted to image_size² (``fit_image``: photos of
+    mixed sizes and aspect ratios are fine); without it all must share one size. Files that
+    cannot be read are listed all at once: ``unreadable='refuse'`` raises, ``'skip'`` logs them
+    and goes on (config.data.unreadable_files).
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder {path!r} does not exist")
+    if unreadable not in ("refuse", "skip"):
+        raise ValueError(f"config.data.unreadable_files={unreadable!r} is unknown; known: "
+                         "'refuse', 'skip'")
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                    if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:
@@ -143,14 +159,25 @@ def load_folder(path: str, channels: int) -> tuple[np.ndarray, None, int]:
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ValueError(f"data.channels must be 1 or 3 for an image folder, got {channels}")
-    arrays = []
+    arrays, bad = [], []
     for f in files:
         try:
             with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert(mode)).reshape(im.height, im.width,
-                                                                      channels))
-        except OSError as err:
-            raise ValueError(f"cannot read image {f}: {err}") from err
+                pixels = np.asarray(im.convert(mode)).reshape(im.height, im.width, channels)
+            if image_size:
+                pixels = fit_image(pixels, image_size, center_crop)
+            arrays.append(pixels)
+        except (OSError, ValueError) as err:  # PIL: OSError; a crop larger than the image
+            bad.append(f"{os.path.relpath(f, path)} ({err})")
+    if bad and unreadable == "refuse":
+        raise ValueError(f"{len(bad)} of {len(files)} image files under {path!r} cannot be "
+                         f"used: {'; '.join(bad)}. Fix or remove them, or set "
+                         "config.data.unreadable_files='skip'")
+    if bad:
+        logging.warning("Skipped %d of %d image files under %s that cannot be used: %s",
+                        len(bad), len(files), path, "; ".join(bad))
+    if not arrays:
+        raise ValueError(f"none of the {len(files)} image files under {path!r} can be read")
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"images under {path!r} have different sizes {sorted(shapes)[:3]}…")
@@ -180,7 +207,9 @@ def iter_source(data_config, chunk_size: int = 1024
             pixels = np.rint((data.images + 1.0) * 127.5).astype(np.uint8)
             labels, name, num_classes = data.labels, data.name, data.num_classes
         elif source == "folder":
-            pixels, labels, num_classes = load_folder(data_config.folder, data_config.channels)
+            pixels, labels, num_classes = load_folder(
+                data_config.folder, data_config.channels, data_config.image_size,
+                data_config.center_crop, data_config.unreadable_files)
             name = data_config.folder
         else:
             raise ValueError(f"unknown data.source {source!r}; known: 'mnist5k', 'tfds', "
@@ -193,7 +222,8 @@ def iter_source(data_config, chunk_size: int = 1024
 
     def chunks():
         for pixels, labels in raw:
-            pixels = resize_images(pixels, data_config.image_size, data_config.center_crop)
+            if source != "folder":  # folder images are fitted one by one in load_folder
+                pixels = resize_images(pixels, data_config.image_size, data_config.center_crop)
             if pixels.shape[-1] != data_config.channels:
                 raise ValueError(f"data set {name!r} has {pixels.shape[-1]} channels, "
                                  f"config.data.channels is {data_config.channels}")

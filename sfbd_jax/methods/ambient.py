@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from sfbd_jax import config_checks
 from sfbd_jax.data import annotations as annotations_lib
 from sfbd_jax.data import eligibility, pipeline
 from sfbd_jax.data import prepare as prepare_lib
@@ -45,7 +46,7 @@ from sfbd_jax.training.state import TrainState
 from sfbd_jax.utils import checkpoints, devices, jsonfile
 
 SUMMARY = "ambient_summary.json"
-ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude")
+ANNOTATIONS = config_checks.ANNOTATIONS
 
 
 def known_noise_level(config, manifest: dict) -> float:

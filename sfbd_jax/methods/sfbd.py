@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from sfbd_jax import config_checks
 from sfbd_jax.data import pipeline, shards
 from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.prepared import PreparedDataset
@@ -74,16 +75,8 @@ class SFBDRun:
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.experiment = loop.Experiment(config)
-        cfg = config.sfbd
-        if cfg.rounds < 0 or cfg.clean_repeat < 1:
-            raise ValueError("config.sfbd.rounds must be >= 0 and config.sfbd.clean_repeat >= 1")
-        if config.corrupt.type != "gaussian_noise":
-            raise ValueError("SFBD deconvolves additive Gaussian noise: config.corrupt.type must "
-                             f"be 'gaussian_noise', got {config.corrupt.type!r}")
+        config_checks.check_sfbd(config)
         self.pretrain_steps, self.round_steps = phase_steps(config)
-        if self.pretrain_steps <= 0 or (cfg.rounds and self.round_steps <= 0):
-            raise ValueError("config.sfbd.pretrain_images and images_per_round must each be at "
-                             "least one dispatch of config.train.batch_size images")
         self.data_dir = config.corrupt.output_dir or os.path.join(self.workdir, "data")
         # Per-round metrics: built now, so a missing weight file or unlabelled data for the
         # feature classifier stops the run before any training.
