@@ -1,5 +1,6 @@
 """SFBD backward step: every noisy image denoised exactly once, resumable, closer to the truth."""
 
+import json
 import os
 
 import jax
@@ -81,10 +82,29 @@ def test_resume_after_a_kill_reuses_written_shards(tmp_path):
     assert os.path.getmtime(first) == mtime
     _, straight = run(tmp_path / "s", noisy, sample, mesh)
     np.testing.assert_array_equal(resumed, straight)
-    with pytest.raises(FileExistsError, match="other settings"):
-        backward.denoise_set(sample, PARAMS, noisy, str(tmp_path / "s"), mesh=mesh,
-                             batch_size=4, shard_size=8, key=jax.random.PRNGKey(0),
-                             settings={"round": 2})
+    # A pass recorded with other inputs (here another model) is recomputed, never reused.
+    calls.clear()
+    other = {**SETTINGS, "model_sha256": "another model"}
+    backward.denoise_set(lambda *a: calls.append(1) or sample(*a), PARAMS, noisy,
+                         str(tmp_path / "s"), mesh=mesh, batch_size=4, shard_size=8,
+                         key=jax.random.PRNGKey(0), settings=other)
+    assert len(calls) == 4  # every batch again
+    with open(tmp_path / "s" / backward.PROGRESS) as f:
+        assert json.load(f)["settings"] == other
+
+
+def test_a_diverged_model_stops_the_backward_pass_before_writing(tmp_path):
+    _, noisy = gaussian_problem()
+    mesh, sample = sharded_sampler(1)
+
+    def diverged(params, x, y, key):
+        return sample(params, x, y, key).at[1].set(jnp.nan)
+
+    # Row 1 of every batch of 4: noisy rows 1 and 5 of the first shard (rows 0..7).
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite images for 2 noisy row\(s\) "
+                                                 r"\(1, 5\); nothing was written for rows 0..7"):
+        run(tmp_path / "nan", noisy, diverged, mesh)
+    assert not any(n.endswith(".npy") for n in os.listdir(tmp_path / "nan"))
 
 
 def test_denoised_set_is_closer_to_the_clean_originals(tmp_path):

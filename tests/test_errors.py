@@ -110,8 +110,51 @@ def test_a_damaged_checkpoint_on_the_command_line(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error():
-    with pytest.raises(FloatingPointError, match="training loss is nan at step 7"):
+    with pytest.raises(FloatingPointError, match="training loss is not finite .* at step 7"):
         check_finite_loss(float("nan"), 7, checkpointer=_NoCheckpoint())
+
+
+class _PoisonedBatches:
+    """Batches of ``inner`` with one NaN pixel in the batch of (1-based) step ``step``."""
+
+    def __init__(self, inner, step: int, per_dispatch: int):
+        self.inner, self.per_dispatch = inner, per_dispatch
+        self.dispatch, self.position = divmod(step - 1, per_dispatch)
+
+    def get(self, first_step: int) -> dict:
+        batch = self.inner.get(first_step)
+        if first_step == self.dispatch * self.per_dispatch:
+            batch = dict(batch, image=batch["image"].at[self.position, 0, 0, 0, 0].set(np.nan))
+        return batch
+
+
+@pytest.mark.parametrize("per_dispatch, bad_step", [(1, 3), (2, 4)])
+def test_nonfinite_loss_names_its_own_step_whatever_the_log_cadence(tmp_path, per_dispatch,
+                                                                    bad_step):
+    """One NaN batch at step 3 (or 4, the second step of a dispatch): its gradient entries are
+    zeroed (as in EDM) so the later losses are finite again; the error still names that step,
+    although logs and checkpoints come only at step 8."""
+    config = tiny_config()
+    config.train.steps_per_dispatch = per_dispatch
+    config.train.log_every_steps = config.train.checkpoint_every_steps = 8
+    exp = Experiment(config, devices.make_data_mesh(1))
+    inner = pipeline.TrainBatches(tiny_dataset(), config.train.batch_size, per_dispatch, 0,
+                                  exp.mesh, num_classes=0)
+    from sfbd_jax.utils.checkpoints import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), enable_async=False)
+
+    class Writer:
+        def write_scalars(self, *a):
+            pass
+
+    with pytest.raises(FloatingPointError,
+                       match=rf"not finite \(NaN/inf\) at step {bad_step}; gradient entries "
+                             rf"were first non-finite at step {bad_step};"):
+        exp.train(exp.init_state(), tiny_dataset(), end_step=8, phase_start_step=0,
+                  data_seed=0, checkpointer=ckpt, writer=Writer(), workdir=str(tmp_path),
+                  batches=_PoisonedBatches(inner, bad_step, per_dispatch))
+    assert ckpt.all_steps() == []
 
 
 class _NoCheckpoint:

@@ -108,6 +108,39 @@ def test_corrupt_or_truncated_shard_is_named(prepared, tmp_path):
     PreparedDataset(str(broken)).clean()  # other shards still read
 
 
+def test_nan_in_a_shard_with_an_updated_checksum_is_named_with_its_rows(prepared, tmp_path):
+    """A shard can be valid by its checksum and still hold NaN/Inf: caught when the set is opened
+    (eagerly, or by the verifying process of a lazy set) and by the first batch that reads the
+    rows (a lazy set opened without verification, as on the other hosts)."""
+    import hashlib
+    import shutil
+
+    from sfbd_jax.data import shards
+
+    out, _ = prepared
+    broken = tmp_path / "nan"
+    shutil.copytree(out, broken)
+    shard = broken / "noisy" / "images-00001.npy"
+    values = np.load(shard)
+    values[[3, 17], 5, 5, 0] = [np.nan, np.inf]
+    np.save(shard, values)
+    manifest = json.loads((broken / prepare.MANIFEST).read_text())
+    for entry in manifest["shards"]["noisy"]["images"]:
+        if entry["file"] == "noisy/images-00001.npy":
+            entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (broken / prepare.MANIFEST).write_text(json.dumps(manifest))
+    message = r"noisy/images-00001.npy holds NaN or infinite values in 2 row\(s\): 3, 17"
+    with pytest.raises(CorruptShardError, match=message):
+        PreparedDataset(str(broken)).noisy()
+    with pytest.raises(CorruptShardError, match=message):
+        PreparedDataset(str(broken), lazy=True).noisy()  # process 0 verifies on opening
+    unverified = shards.ShardedArray(str(broken), manifest["shards"]["noisy"]["images"],
+                                     verify=False)
+    unverified[np.arange(0, 1500)]  # rows of the first shard are fine
+    with pytest.raises(CorruptShardError, match=r"images-00001.npy .* 1 row\(s\): 17"):
+        unverified[np.array([1500 + 17, 2])]
+
+
 def test_fraction_float16_and_blur(tmp_path):
     c = mnist_prepare_config(tmp_path / "f16", clean_count=0, clean_fraction=0.04,
                              dtype="float16", shard_size=5000)

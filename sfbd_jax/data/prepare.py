@@ -23,6 +23,7 @@ the same settings is a no-op; other settings refuse to overwrite.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -151,6 +152,17 @@ def _write_folder(config, chunk: int, writer: _ShardWriter, first_index: int) ->
         writer.add(images=images, indices=first_index + np.arange(count, count + len(images)))
         count += len(images)
     return count
+
+
+def shards_digest(manifest: dict, groups: tuple[str, ...] | None = None) -> str:
+    """sha256 (16 hex digits) of the shard checksums of ``groups`` (all when None): identifies
+    the bytes of a prepared set, for the fingerprints of products made from it."""
+    digest = hashlib.sha256()
+    for group in sorted(groups or manifest["shards"]):
+        for name, entries in sorted(manifest["shards"][group].items()):
+            for entry in entries:
+                digest.update(f"{group}/{name}/{entry['file']}:{entry['sha256']};".encode())
+    return digest.hexdigest()[:16]
 
 
 def read_manifest(directory: str) -> dict:

@@ -2,7 +2,8 @@
 
 A shard entry in a manifest is {"file": relative path, "rows": int, "sha256": hex}. Reading
 verifies the checksum and raises ``CorruptShardError`` naming the shard when it does not match
-or the file cannot be parsed.
+or the file cannot be parsed, and (for floating-point arrays) naming the rows when it holds NaN
+or infinite values: a shard can be "valid" by its checksum and still unusable.
 """
 
 from __future__ import annotations
@@ -31,6 +32,26 @@ def write_shard(directory: str, relative: str, array: np.ndarray) -> dict:
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def nonfinite_rows(array: np.ndarray) -> np.ndarray:
+    """Positions of the rows of a floating-point ``array`` holding NaN or ±inf (none for other
+    dtypes)."""
+    if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
+
+
+def check_finite(array: np.ndarray, where: str, rows: np.ndarray | None = None) -> None:
+    """Raise ``CorruptShardError`` naming ``where`` and the rows of ``array`` (their positions in
+    the shard: ``rows[i]`` for row i when given) that hold NaN or infinite values."""
+    bad = nonfinite_rows(array)
+    if bad.size:
+        named = bad if rows is None else np.asarray(rows)[bad]
+        shown = ", ".join(str(r) for r in named[:10]) + (", …" if len(named) > 10 else "")
+        raise CorruptShardError(f"shard {where} holds NaN or infinite values in {len(named)} "
+                                f"row(s): {shown}. The data set cannot be trained on; prepare "
+                                "it again into a fresh directory.")
+
+
 def read_shard(directory: str, entry: dict) -> np.ndarray:
     """Read and verify one shard (see module docstring)."""
     path = os.path.join(directory, entry["file"])
@@ -52,6 +73,7 @@ def read_shard(directory: str, entry: dict) -> np.ndarray:
     if array.shape[0] != entry["rows"]:
         raise CorruptShardError(f"shard {path} holds {array.shape[0]} rows, the manifest says "
                                 f"{entry['rows']}")
+    check_finite(array, path)
     return array
 
 
@@ -74,7 +96,7 @@ class ShardedArray:
     """
 
     def __init__(self, directory: str, entries: list[dict], verify: bool = True):
-        self.parts = []
+        self.parts, self.paths = [], []
         for entry in entries:
             if verify:
                 verify_shard(directory, entry)
@@ -87,6 +109,7 @@ class ShardedArray:
                 raise CorruptShardError(f"shard {path} holds {part.shape[0]} rows, the "
                                         f"manifest says {entry['rows']}")
             self.parts.append(part)
+            self.paths.append(path)
         if not self.parts:
             raise ValueError("a sharded array needs at least one shard")
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
@@ -110,7 +133,10 @@ class ShardedArray:
             sel = which == s
             rows = flat[sel] - self.starts[s]
             order = np.argsort(rows)  # sorted reads from the memory map
-            out[np.flatnonzero(sel)[order]] = self.parts[s][rows[order]]
+            part_rows = self.parts[s][rows[order]]
+            # The rows a batch reads: checked also where the checksums were not verified here.
+            check_finite(part_rows, self.paths[s], rows[order])
+            out[np.flatnonzero(sel)[order]] = part_rows
         return out.reshape(*index.shape, *self.shape[1:])
 
     def to_numpy(self) -> np.ndarray:

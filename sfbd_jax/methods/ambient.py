@@ -59,7 +59,8 @@ def known_noise_level(config, manifest: dict) -> float:
 
 
 def classifier_dir(config, workdir: str, manifest: dict) -> str:
-    fp = noise_classifier.fingerprint(config, manifest["settings"], manifest["counts"])
+    fp = noise_classifier.fingerprint(config, manifest["settings"], manifest["counts"],
+                                      prepare_lib.shards_digest(manifest))
     return os.path.join(os.path.abspath(workdir), "annotator", fp)
 
 

@@ -62,8 +62,12 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
     os.makedirs(out_dir, exist_ok=True)
     progress = jsonfile.read_json(os.path.join(out_dir, PROGRESS), {})
     if progress.get("settings") not in (None, settings):
-        raise FileExistsError(f"{out_dir} holds a denoising pass with other settings "
-                              f"({progress['settings']}); refusing to mix them")
+        old = progress["settings"]
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        logging.warning("%s holds a denoising pass made with other inputs (%s): recomputing "
+                        "every shard.", out_dir, "; ".join(
+                            f"{k}: {old.get(k)!r} → {settings.get(k)!r}" for k in changed))
+        progress = {}
     done = {e["start"]: e for e in progress.get("shards", [])}
     # Every process must take the same decisions below (which shards to redo): none may start
     # before all have read the record that process 0 is about to extend.
@@ -97,6 +101,13 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
         denoised = np.concatenate(outputs)
         if len(denoised) != stop - start:
             raise CountCheckError(f"rows {start}..{stop - 1}: denoised {len(denoised)} images")
+        bad = shards.nonfinite_rows(denoised) + start
+        if bad.size:
+            raise FloatingPointError(
+                f"the backward pass produced NaN or infinite images for {bad.size} noisy "
+                f"row(s) ({', '.join(map(str, bad[:10]))}{', …' if bad.size > 10 else ''}); "
+                f"nothing was written for rows {start}..{stop - 1}. The model that denoises "
+                "has diverged: check the previous round's training loss.")
         if jax.process_index() == 0:  # written once; the others read the record below
             entry = shards.write_shard(out_dir, f"denoised-{start:09d}.npy", denoised)
             entry["start"] = start

@@ -55,11 +55,13 @@ def make_logits_fn(model: unet.NoiseClassifier, sigma_data: float):
     return logits
 
 
-def fingerprint(config, data_settings: dict, counts: dict) -> str:
-    """Identifies a trained classifier: its config, the σ distribution, the data."""
+def fingerprint(config, data_settings: dict, counts: dict, data_digest: str = "") -> str:
+    """Identifies a trained classifier: its config, the σ distribution, the data (its settings
+    and, as ``data_digest``, the checksums of its shards)."""
     record = {"classifier": config.ambient.classifier.to_dict(),
               "diffusion": config.diffusion.to_dict(), "data": data_settings, "counts": counts,
-              "image_shape": [config.data.image_size, config.data.channels]}
+              "image_shape": [config.data.image_size, config.data.channels],
+              "shards": data_digest}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()
                           ).hexdigest()[:16]
 

@@ -37,7 +37,7 @@ from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.methods import backward
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
-from sfbd_jax.utils import checkpoints, jsonfile
+from sfbd_jax.utils import checkpoints, integrity, jsonfile
 
 PROGRESS = "sfbd_progress.json"
 SUMMARY = "sfbd_summary.json"
@@ -185,7 +185,10 @@ class SFBDRun:
         settings = {"round": k, "sigma_zeta": sigma_zeta,
                     "num_steps": cfg.backward_num_steps, "churn": cfg.backward_churn,
                     "batch_size": cfg.denoise_batch_size, "seed": self.config.seed,
-                    "model_step": self.end_step(k - 1)}
+                    "model_step": self.end_step(k - 1),
+                    "model_sha256": integrity.tree_digest(state.ema_params),
+                    "noisy_shards": prepare_lib.shards_digest(
+                        prepare_lib.read_manifest(self.data_dir), ("noisy",))}
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1000 + k)
         labels = None
         if self.config.model.num_classes > 0:  # conditional SFBD: denoise given each label

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -162,14 +163,17 @@ class Experiment:
                                                  every_secs=30.0)
         k = cfg.steps_per_dispatch
         t_last, step_last = time.time(), step_now
+        first_nonfinite = jnp.full((2,), -1, jnp.int32)  # (loss, gradient): see step.py
         while step_now < end_step:
             state, metrics = self.train_step(state, batches.get(step_now - phase_start_step))
+            first_nonfinite = step.track_first_nonfinite(
+                first_nonfinite, metrics.pop("first_nonfinite"), jnp.int32(step_now))
             step_now += k
             report(step_now)
             due = lambda every, now=step_now: bool(every) and now % every < k
             if due(cfg.log_every_steps) or step_now == end_step:
+                check_nonfinite(first_nonfinite, checkpointer)
                 scalars = {name: float(v) for name, v in jax.device_get(metrics).items()}
-                check_finite_loss(scalars["loss"], step_now, checkpointer)
                 elapsed = time.time() - t_last
                 scalars["lr"] = float(self.lr_schedule(step_now - 1))
                 scalars["images_seen"] = float(state.images_seen)
@@ -181,21 +185,34 @@ class Experiment:
                 t_last, step_last = time.time(), step_now
             if due(cfg.checkpoint_every_steps) or step_now == end_step:
                 if not due(cfg.log_every_steps) and step_now != end_step:
-                    check_finite_loss(float(metrics["loss"]), step_now, checkpointer)
+                    check_nonfinite(first_nonfinite, checkpointer)
                 checkpointer.save(step_now, state)
             if due(cfg.sample_every_steps) and step_now != end_step:
                 self.write_samples(state, workdir, writer, f"{tag}_step{step_now:07d}")
         return state
 
 
-def check_finite_loss(loss: float, step_now: int, checkpointer: checkpoints.Checkpointer):
-    """Stop with a clear error when the training loss is NaN/inf (the last good checkpoint is
-    kept as it is)."""
-    if not np.isfinite(loss):
+def check_nonfinite(first_nonfinite, checkpointer: checkpoints.Checkpointer) -> None:
+    """Stop with a clear error naming the first step whose training loss was NaN/inf, however
+    many steps ago that was (``first_nonfinite``: int32[2] from ``step.track_first_nonfinite``).
+    Non-finite gradient entries alone are zeroed and counted, as in EDM; the step where they
+    first appeared is named too."""
+    loss_step, grad_step = (int(v) for v in jax.device_get(first_nonfinite))
+    if loss_step >= 0:
+        grads = (f"; gradient entries were first non-finite at step {grad_step}"
+                 if grad_step >= 0 else "")
         raise FloatingPointError(
-            f"training loss is {loss} at step {step_now}; stopping before saving this state. "
-            f"The last checkpoint ({checkpointer.latest_step()}) in {checkpointer.directory} is "
-            "untouched. Lower config.optim.lr, enable config.optim.grad_clip or check the data.")
+            f"training loss is not finite (NaN/inf) at step {loss_step}{grads}; stopping "
+            f"before saving this state. The last checkpoint ({checkpointer.latest_step()}) in "
+            f"{checkpointer.directory} is untouched. Lower config.optim.lr, enable "
+            "config.optim.grad_clip or check the data.")
+
+
+def check_finite_loss(loss: float, step_now: int, checkpointer: checkpoints.Checkpointer):
+    """Stop with a clear error when the training loss ``loss`` of step ``step_now`` is NaN/inf
+    (the last good checkpoint is kept as it is)."""
+    if not np.isfinite(loss):
+        check_nonfinite(np.array([step_now, -1]), checkpointer)
 
 
 PHASES = "phase_ends.json"

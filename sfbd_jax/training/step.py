@@ -113,13 +113,31 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     return new_state, metrics
 
 
+def _first_true(mask: jax.Array) -> jax.Array:
+    """Index of the first True of a 1-D mask, −1 when there is none (int32)."""
+    return jnp.where(mask.any(), jnp.argmax(mask), -1).astype(jnp.int32)
+
+
+@jax.jit
+def track_first_nonfinite(first: jax.Array, offsets: jax.Array, steps_before: jax.Array
+                          ) -> jax.Array:
+    """Fold a dispatch's ``first_nonfinite`` offsets into ``first`` (int32[2], the step numbers
+    — counted as completed steps, so the k-th step is step k — of the first non-finite loss and
+    gradient so far, −1 for none). Runs on device, so the training loop never waits on it."""
+    found = offsets >= 0
+    return jnp.where((first < 0) & found, steps_before + offsets + 1, first)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_config,
                     mesh, unroll: bool = True
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Jit ``train_step`` scanned over a stack of batches (steps, B, ...).
 
     Returns ``step_fn(state, batches) -> (state, metrics)``; metrics are averaged over the
-    stacked steps (``nonfinite_grads`` summed). The state argument is donated.
+    stacked steps (``nonfinite_grads`` summed), and ``first_nonfinite`` (int32[2]) holds the
+    position within the dispatch of the first step whose loss, resp. gradient, was non-finite
+    (−1: none), so the host can name that step without reading every dispatch's metrics. The
+    state argument is donated.
     ``unroll``: unroll the scan (config.train.unroll_dispatch). Needed on the CPU backend, where
     XLA runs convolution gradients inside a rolled loop about 40× slower; a rolled scan keeps
     compile times short on GPU/TPU for many steps per dispatch.
@@ -138,9 +156,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, em
             metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
         else:
             state, metrics = jax.lax.scan(body, state, batches)
-        summed = metrics.pop("nonfinite_grads").sum()
+        per_step_grads = metrics.pop("nonfinite_grads")
+        first = jnp.stack([_first_true(~jnp.isfinite(metrics["loss"])),
+                           _first_true(per_step_grads > 0)])
         metrics = jax.tree.map(jnp.mean, metrics)
-        metrics["nonfinite_grads"] = summed
+        metrics["nonfinite_grads"] = per_step_grads.sum()
+        metrics["first_nonfinite"] = first
         return state, metrics
 
     repl = devices.replicated(mesh)

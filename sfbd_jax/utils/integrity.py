@@ -112,3 +112,17 @@ def verify_sidecar(path: str) -> bool:
         raise IntegrityError(f"{path} does not match its checksum in {sidecar}: the file was "
                              "changed or damaged after it was written")
     return True
+
+
+def tree_digest(tree) -> str:
+    """sha256 (hex, 16 digits) of the leaves of a pytree of arrays (shapes, dtypes and bytes,
+    in tree order): identifies e.g. the parameters a cached product was made with."""
+    import jax
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(tree)):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{leaf.shape}{leaf.dtype}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
