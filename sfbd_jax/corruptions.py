@@ -165,20 +165,52 @@ def corrupt_labels(labels: np.ndarray, eta: float, num_classes: int, seed: int,
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg", "motion_blur")
 
 
-def apply_corruption(images: np.ndarray, spec: Mapping[str, Any], key: jax.Array,
-                     indices: np.ndarray) -> np.ndarray:
-    """Apply the corruption ``spec`` (``type`` plus its parameters, e.g. {type:
-    'gaussian_noise', sigma: 0.2}) to host images; returns float32 host images."""
-    kind = spec["type"]
-    x = jnp.asarray(images, jnp.float32)
+def _corrupt(x: jax.Array, key: jax.Array, indices: jax.Array, kind: str,
+             params: tuple[tuple[str, Any], ...]) -> jax.Array:
+    p = dict(params)
     if kind == "gaussian_noise":
-        out = add_gaussian_noise(x, float(spec["sigma"]), key, jnp.asarray(indices))
-    elif kind == "gaussian_blur":
-        out = gaussian_blur(x, float(spec["sigma_px"]))
-    elif kind == "motion_blur":
-        out = motion_blur(x, int(spec["length"]), float(spec["angle_deg"]))
-    elif kind == "jpeg":
+        return add_gaussian_noise(x, p["sigma"], key, indices)
+    if kind == "gaussian_blur":
+        return gaussian_blur(x, p["sigma_px"])
+    return motion_blur(x, p["length"], p["angle_deg"])
+
+
+_corrupt_jit = jax.jit(_corrupt, static_argnames=("kind", "params"))
+
+
+def padded_rows(n: int) -> int:
+    """The row count a chunk of ``n`` images is padded to (the next power of two, at least 64):
+    few distinct shapes, so few compilations, whatever the chunk sizes."""
+    return max(64, 1 << max(n - 1, 0).bit_length())
+
+
+def apply_corruption(images: np.ndarray, spec: Mapping[str, Any], key: jax.Array,
+                     indices: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+    """Apply the corruption ``spec`` (``type`` plus its parameters, e.g. {type:
+    'gaussian_noise', sigma: 0.2}) to host images; returns float32 host images.
+
+    One jitted program per (corruption, padded shape): the rows are padded to ``pad_to`` (e.g.
+    the preparation's chunk size; default ``padded_rows(N)``), so chunks of varying sizes do
+    not each compile anew. Row r's result depends only on image r and ``indices[r]``."""
+    kind = spec["type"]
+    if kind == "jpeg":
         return jpeg(images, int(spec["quality"]))
-    else:
+    if kind not in CORRUPTIONS:
         raise ValueError(f"unknown corruption type {kind!r}; known: {CORRUPTIONS}")
-    return np.asarray(out, np.float32)
+    params = {"gaussian_noise": (("sigma", float(spec.get("sigma", 0.0))),),
+              "gaussian_blur": (("sigma_px", float(spec.get("sigma_px", 0.0))),),
+              "motion_blur": (("length", int(spec.get("length", 1))),
+                              ("angle_deg", float(spec.get("angle_deg", 0.0))))}[kind]
+    for name, value in params:  # the argument checks, outside the traced function
+        if name in ("sigma", "sigma_px") and value < 0:
+            raise ValueError(f"{kind} {name} must be >= 0, got {value}")
+        if name == "length" and value < 1:
+            raise ValueError(f"motion blur length must be >= 1 pixel, got {value}")
+    n = len(images)
+    rows = max(pad_to or 0, padded_rows(n))
+    x = np.zeros((rows, *images.shape[1:]), np.float32)
+    x[:n] = images
+    idx = np.zeros(rows, np.int64)
+    idx[:n] = indices
+    out = _corrupt_jit(jnp.asarray(x), key, jnp.asarray(idx), kind=kind, params=params)
+    return np.asarray(out, np.float32)[:n]  # sliced on the host: no compilation per n

@@ -90,3 +90,26 @@ def test_apply_corruption_dispatch():
     assert np.std(y - x) == pytest.approx(0.5, rel=0.1)
     with pytest.raises(ValueError, match="unknown corruption"):
         corruptions.apply_corruption(x, {"type": "nope"}, key, idx)
+
+
+def test_chunks_of_varying_sizes_compile_once_and_match_eager_rows():
+    """Preparation speed: chunks of any size are padded to one shape (one compilation per
+    corruption), and every row equals the unpadded computation for that image and index."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (50, 8, 8, 1)).astype(np.float32)
+    spec = {"type": "gaussian_noise", "sigma": 0.3}
+    key = jax.random.PRNGKey(7)
+    before = corruptions._corrupt_jit._cache_size()
+    parts, start = [], 0
+    for n in (10, 37, 3):
+        idx = np.arange(start, start + n) + 100
+        parts.append(corruptions.apply_corruption(images[start:start + n], spec, key, idx,
+                                                  pad_to=64))
+        start += n
+    assert corruptions._corrupt_jit._cache_size() == before + 1
+    eager = corruptions.add_gaussian_noise(jnp.asarray(images), 0.3, key,
+                                           jnp.arange(100, 150))
+    np.testing.assert_allclose(np.concatenate(parts), np.asarray(eager), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        corruptions.apply_corruption(images, {"type": "gaussian_noise", "sigma": -1.0}, key,
+                                     np.arange(50))

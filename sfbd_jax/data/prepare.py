@@ -213,7 +213,8 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
         if c.any():
             clean_w.add(images=images[c], indices=index[c], **extra)
         if n.any() and not from_folder:
-            noisy = corruptions.apply_corruption(images[n], record["corruption"], key, index[n])
+            noisy = corruptions.apply_corruption(images[n], record["corruption"], key, index[n],
+                                                 pad_to=chunk)
             stored = noisy.astype(dtype)
             diff = stored.astype(np.float32) - noisy
             sq_err += float(np.sum(diff.astype(np.float64) ** 2))
