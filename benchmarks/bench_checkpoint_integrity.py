@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="configs/cifar10_sfbd.py")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="", help="where to write (default: a temporary dir)")
+    parser.add_argument("--trained_like", action="store_true",
+                        help="fill every float leaf with random values, as after training (a "
+                             "fresh state's zero Adam moments compress to almost nothing)")
     args = parser.parse_args(argv)
 
     import jax
+    import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
     from sfbd_jax.training.loop import Experiment
@@ -50,6 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     config = _load_config(args.config)
     experiment = Experiment(config, devices.make_data_mesh(1))
     state = experiment.init_state()
+    if args.trained_like:
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+        state = jax.tree.unflatten(treedef, [
+            jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+            else x for k, x in zip(keys, leaves, strict=True)])
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     times: dict[str, list[float]] = {"save": [], "write_record": [], "verify": [],
                                      "restore": []}
@@ -76,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         size = sum(os.path.getsize(os.path.join(root, n))
                    for root, _, names in os.walk(step_dir) for n in names)
     result = {k: float(np.median(v)) for k, v in times.items()}
-    print(f"config {args.config}: {num_params / 1e6:.1f} M parameters, checkpoint "
+    print(f"config {args.config}{' (trained-like state)' if args.trained_like else ''}: "
+          f"{num_params / 1e6:.1f} M parameters, checkpoint "
           f"{size / 2**20:.0f} MiB on disk, {jax.devices()[0].platform}")
     for k, v in result.items():
         print(f"  {k:13s} {v:7.2f} s (median of {args.repeats})")
