@@ -83,6 +83,19 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
     assert_one_line_error(proc, "--config.train.batch_size=abc")
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("--config.corrupt.sigma=-1", "config.corrupt.sigma=-1.0 must be >= 0"),
+    ("--config.corrupt.clean_count=70", "config.corrupt.clean_count=70 exceeds the 64 images"),
+    ("--config.data.source=folder", "config.data.folder='' is not a directory"),
+])
+def test_bad_values_on_the_command_line(tmp_path, override, fragment):
+    """One line, exit status 1, nothing made but errors.log (no data/, no data.partial/)."""
+    workdir = tmp_path / "run"
+    proc = run_cli("--config", "configs/sfbd_smoke.py", "--workdir", str(workdir), override)
+    assert_one_line_error(proc, fragment, str(workdir / "errors.log"))
+    assert os.listdir(workdir) == ["errors.log"]
+
+
 def test_a_damaged_checkpoint_on_the_command_line(tmp_path):
     """The CLI names the damaged step and file in one line; the traceback goes to
     errors.log (and to stderr with --verbose_errors); no file is deleted."""
