@@ -158,6 +158,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_blocks = 1
     c.model.attn_resolutions = (7,)
     c.model.dropout = 0.0
+    # Attention heads: EDM's SongUNet (DDPM++, NCSN++) uses one head per attention layer; 0
+    # derives the count as channels // channels_per_head (ADM's rule, 64 channels per head).
+    c.model.num_heads = 1
     c.model.channels_per_head = 64
     c.model.embedding_type = "positional"  # 'positional' (DDPM++) or 'fourier' (NCSN++).
     c.model.emb_mult = 4

@@ -30,6 +30,51 @@ def test_paper_networks_from_config():
     assert "enc8_block0" in celeba and "attn" in celeba["enc16_block0"]
 
 
+def _group_norm(x, scale, bias, groups, eps=1e-6):
+    b, h, w, c = x.shape
+    g = x.reshape(b, h * w, groups, c // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_attention_layer_matches_a_hand_written_attention(num_heads):
+    """SelfAttention against NumPy: GN → 1×1 qkv → softmax(q·kᵀ/√d) v per head → 1×1 proj,
+    residual scaled by √0.5. One head is EDM's SongUNet (DDPM++, NCSN++)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 4, 32)).astype(np.float32)
+    layer = unet.SelfAttention(channels_per_head=64, num_heads=num_heads)
+    params = layer.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+    # The output projection starts at zero (EDM's init): give it values to see the attention.
+    params = jax.tree.map(np.asarray, params)
+    params["proj"]["kernel"] = rng.normal(size=params["proj"]["kernel"].shape).astype(np.float32)
+    got = np.asarray(layer.apply({"params": params}, jnp.asarray(x)))
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    n, c, d = 16, 32, 32 // num_heads
+    h = _group_norm(x.astype(np.float64), p["GroupNorm_0"]["scale"], p["GroupNorm_0"]["bias"], 8)
+    qkv = h.reshape(2, n, c) @ p["qkv"]["kernel"][0, 0] + p["qkv"]["bias"]
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(2, n, num_heads, d) for i in range(3))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    a = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, n, c)
+    a = a @ p["proj"]["kernel"][0, 0] + p["proj"]["bias"]
+    want = (x + a.reshape(x.shape)) * np.sqrt(0.5)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    assert unet.attention_heads(32, num_heads, 64) == num_heads
+
+
+def test_paper_networks_use_one_attention_head_as_edm():
+    for preset in (networks.ddpmpp_cifar10(), networks.ncsnpp_celeba64()):
+        assert preset.num_heads == 1
+        assert unet.build_unet(preset, 32, 3).num_heads == 1
+    assert unet.attention_heads(256, 0, 64) == 4  # the ADM rule when num_heads = 0
+    with pytest.raises(ValueError, match="do not split into 3 attention heads"):
+        unet.attention_heads(32, 3, 64)
+
+
 def test_image_size_must_fit_the_levels():
     with pytest.raises(ValueError, match="not divisible"):
         unet.build_unet(networks.ncsnpp_celeba64(), 36, 3)

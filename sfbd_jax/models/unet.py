@@ -71,16 +71,28 @@ class FourierEmbedding(nn.Module):
         return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
 
 
+def attention_heads(channels: int, num_heads: int, channels_per_head: int) -> int:
+    """Heads of an attention layer over ``channels``: ``num_heads`` when > 0 (EDM's SongUNet,
+    i.e. DDPM++ and NCSN++, uses 1), else ``channels // channels_per_head`` (ADM's rule)."""
+    heads = num_heads if num_heads > 0 else max(channels // channels_per_head, 1)
+    if channels % heads:
+        raise ValueError(f"{channels} channels do not split into {heads} attention heads "
+                         "(config.model.num_heads / channels_per_head)")
+    return heads
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the spatial positions, with a residual connection."""
+    """Multi-head self-attention over the spatial positions, with a residual connection.
+    ``num_heads`` > 0 fixes the number of heads; 0 derives it from ``channels_per_head``."""
 
     channels_per_head: int = 64
     dtype: Any = jnp.float32
+    num_heads: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        heads = max(c // self.channels_per_head, 1)
+        heads = attention_heads(c, self.num_heads, self.channels_per_head)
         qkv = nn.Conv(3 * c, (1, 1), kernel_init=_XAVIER, dtype=self.dtype,
                       name="qkv")(_group_norm(c, self.dtype)(x))
         q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c), 3, axis=-1)
@@ -105,6 +117,7 @@ class UNetBlock(nn.Module):
     attention: bool = False
     channels_per_head: int = 64
     dtype: Any = jnp.float32
+    num_heads: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
@@ -127,7 +140,8 @@ class UNetBlock(nn.Module):
             skip = conv(self.out_channels, 1, _XAVIER, "skip")(skip)
         x = (h + skip.astype(h.dtype)) * _SKIP_SCALE
         if self.attention:
-            x = SelfAttention(self.channels_per_head, self.dtype, name="attn")(x)
+            x = SelfAttention(self.channels_per_head, self.dtype, self.num_heads,
+                              name="attn")(x)
         return x
 
 
@@ -148,6 +162,7 @@ class UNet(nn.Module):
     attn_resolutions: Sequence[int] = (16,)
     dropout: float = 0.1
     channels_per_head: int = 64
+    num_heads: int = 1  # EDM's SongUNet: one head per attention layer; 0: channels_per_head
     embedding_type: str = "positional"
     emb_mult: int = 4
     num_classes: int = 0
@@ -182,7 +197,7 @@ class UNet(nn.Module):
         emb = _embedding_mlp(emb, self.base_channels * self.emb_mult, self.dtype)
         block = lambda ch, name, **kw: UNetBlock(  # noqa: E731
             ch, dropout=self.dropout, channels_per_head=self.channels_per_head,
-            dtype=self.dtype, name=name, **kw)
+            num_heads=self.num_heads, dtype=self.dtype, name=name, **kw)
         h, skips = _encoder(self, x, emb, train, block)
         channels = h.shape[-1]
 
@@ -292,6 +307,7 @@ def build_unet(model_config, image_size: int, channels: int) -> UNet:
         attn_resolutions=tuple(model_config.attn_resolutions),
         dropout=model_config.dropout,
         channels_per_head=model_config.channels_per_head,
+        num_heads=model_config.num_heads,
         embedding_type=model_config.embedding_type,
         emb_mult=model_config.emb_mult,
         num_classes=model_config.num_classes,
