@@ -23,16 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 
-def _load_config(spec: str):
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/cifar10_sfbd.py")
@@ -47,11 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
+    from sfbd_jax import cli
     from sfbd_jax.training.loop import Experiment
     from sfbd_jax.utils import devices, integrity
     from sfbd_jax.utils.checkpoints import Checkpointer
 
-    config = _load_config(args.config)
+    config = cli.load_config_file(args.config)
     experiment = Experiment(config, devices.make_data_mesh(1))
     state = experiment.init_state()
     if args.trained_like:

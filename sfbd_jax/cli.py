@@ -75,18 +75,24 @@ def _config_file(argv: list[str]) -> str | None:
     return None
 
 
+def load_config_file(spec: str):
+    """``get_config([arg])`` of a config file given as ``path[:arg]`` (as ``--config`` takes
+    it), loaded directly rather than through the flag."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_sfbd_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def unknown_config_key(argv: list[str]) -> str | None:
     """The first ``--config.a.b=...`` override in ``argv`` whose key the config file lacks (the
     file is loaded directly; None when all keys exist or it cannot be loaded)."""
     spec_text = _config_file(argv)
     if not spec_text:
         return None
-    path, _, arg = spec_text.partition(":")
     try:
-        spec = importlib.util.spec_from_file_location("_sfbd_config_probe", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(arg) if arg else module.get_config()
+        config = load_config_file(spec_text)
     except Exception:  # the parser reports a config file that cannot be loaded by itself
         return None
     for a in argv:
