@@ -45,37 +45,52 @@ EXPECTED_PARAMS = 6_989_891
 
 
 # ----- the JAX worker ----------------------------------------------------------------------
+def config_a_experiment(batch: int, num_devices: int, overrides: dict | None = None):
+    """(Experiment, initial state, TrainBatches) for config A at global ``batch`` over the first
+    ``num_devices`` devices, Adam without gradient clipping (as the reference's loop), random
+    images in [-1, 1]. ``overrides``: extra ``section.key`` -> value (strings parsed as the
+    config's type), for profiling variants. Call after ``devices.configure_cpu_devices``."""
+    import numpy as np
+
+    from configs import default
+    from sfbd_jax.data import pipeline
+    from sfbd_jax.data.sources import ImageDataset
+    from sfbd_jax.training.loop import Experiment
+    from sfbd_jax.utils import devices
+
+    c = default.get_config()
+    for key in ("base_channels", "channel_mult", "num_blocks", "attn_resolutions", "num_heads",
+                "dropout", "embedding_type"):
+        c.model[key] = CONFIG_A[key]
+    c.data.image_size, c.data.channels = CONFIG_A["image_size"], CONFIG_A["channels"]
+    c.train.batch_size = batch
+    c.optim.grad_clip = 0.0
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".")
+        old = c[section][key]
+        c[section][key] = type(old)(value) if not isinstance(old, bool) else value == "True"
+    exp = Experiment(c, devices.make_data_mesh(num_devices))
+    images = np.random.default_rng(0).uniform(-1, 1, (4 * batch, 32, 32, 3))
+    data = ImageDataset(images.astype(np.float32), None, 0, "random")
+    batches = pipeline.TrainBatches(data, batch, 1, 0, exp.mesh, 0)
+    return exp, exp.init_state(), batches
+
+
 def _jax_worker(num_devices: int) -> None:
     t0 = time.perf_counter()
     from sfbd_jax.utils import devices
 
     devices.configure_cpu_devices(num_devices)
     import jax
-    import numpy as np
 
-    from configs import default
-    from sfbd_jax.data import pipeline
-    from sfbd_jax.data.sources import ImageDataset
     from sfbd_jax.diffusion import sampler as sampler_lib
-    from sfbd_jax.training.loop import Experiment
 
     state = exp = batches = None
     step_index = 0
     for line in sys.stdin:
         msg = json.loads(line)
         if msg["cmd"] == "setup":
-            c = default.get_config()
-            for key in ("base_channels", "channel_mult", "num_blocks", "attn_resolutions",
-                        "num_heads", "dropout", "embedding_type"):
-                c.model[key] = CONFIG_A[key]
-            c.data.image_size, c.data.channels = CONFIG_A["image_size"], CONFIG_A["channels"]
-            c.train.batch_size = msg["batch"]
-            c.optim.grad_clip = 0.0
-            exp = Experiment(c, devices.make_data_mesh(num_devices))
-            images = np.random.default_rng(0).uniform(-1, 1, (4 * msg["batch"], 32, 32, 3))
-            data = ImageDataset(images.astype(np.float32), None, 0, "random")
-            batches = pipeline.TrainBatches(data, msg["batch"], 1, 0, exp.mesh, 0)
-            state = exp.init_state()
+            exp, state, batches = config_a_experiment(msg["batch"], num_devices)
             params = sum(x.size for x in jax.tree.leaves(state.params))
             state, metrics = exp.train_step(state, batches.get(0))  # compiles
             jax.block_until_ready(metrics["loss"])

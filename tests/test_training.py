@@ -149,3 +149,14 @@ def test_gradient_clipping_is_in_the_chain():
     clip = optax.clip_by_global_norm(1.0)
     g, _ = clip.update({"w": jnp.array([30.0, 40.0])}, clip.init(None))
     assert float(optax.global_norm(g)) == pytest.approx(1.0)
+
+
+def test_init_state_compiled_without_optimisation_is_bit_identical():
+    """init_state compiles at XLA optimisation level 0 (faster set-up); the parameters must be
+    exactly those of an optimised compile of the same initialisation."""
+    config = tiny_config()
+    exp = experiment(config, devices.make_data_mesh(1))
+    fast = exp.init_state()
+    optimised = jax.jit(exp._init)(exp.base_key)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(optimised), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
