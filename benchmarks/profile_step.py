@@ -19,6 +19,7 @@ import collections
 import glob
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -85,6 +86,11 @@ def _kind(line: str, bodies: dict[str, str]) -> str:
     return opcode
 
 
+def _max_rss_gib() -> float:
+    """This process's peak resident memory so far, GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def profile(exp, state, batches, trace_steps: int) -> tuple[dict, float]:
     """Sum of the traced XLA operations' durations by name, and the traced wall time."""
     import jax
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     state, metrics = exp.train_step(state, batches.get(0))
     jax.block_until_ready(metrics["loss"])
     print(f"set-up {t - t0:.1f} s, first step (compile) {time.perf_counter() - t:.1f} s, "
+          f"peak RSS so far {_max_rss_gib():.2f} GiB, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     times = []
     for i in range(args.steps):
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
     print("step seconds: " + " ".join(f"{s:.2f}" for s in times)
-          + f"  ({args.batch / min(times):.1f} images/s at the fastest)")
+          + f"  ({args.batch / min(times):.1f} images/s at the fastest); peak RSS "
+          f"{_max_rss_gib():.2f} GiB")
     if not args.trace_steps:
         return
     totals, wall = profile(exp, state, batches, args.trace_steps)
