@@ -66,14 +66,15 @@ def _kind(line: str, bodies: dict[str, str]) -> str:
     text = body or line
     library = re.search(r'"kind":"__(\w+?)_fusion"', line)
     where = f" [{library.group(1)}]" if library else ""
+    if re.search(r" (all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute)"
+                 r"(-start)?\(", line):
+        return "collective (gradient all-reduce)"
     if " convolution(" in text:
         return "convolution" + where
     if " dot(" in text:
         return "dot" + where
     if " reduce(" in text or opcode in ("reduce", "reduce-window"):
         return "reduction / group norm" + where
-    if opcode in ("all-reduce", "reduce-scatter", "all-gather", "collective-permute"):
-        return "collective"
     if " while(" in line or opcode == "while":
         return "while loop (e.g. random bits)"
     if opcode in ("transpose", "copy") or re.search(r" (transpose|copy)\(", body) and not \
