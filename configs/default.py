@@ -9,7 +9,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "edm"  # 'edm': plain EDM training on the clean data set.
+    # 'edm': plain EDM training on the clean data set; 'sfbd', 'online_sfbd', 'ambient': the
+    # methods (their sections below).
+    c.mode = "edm"
     c.seed = 0  # model init, per-step randomness, batch order, sample grids.
     c.num_cpu_devices = 0  # host devices exposed on the CPU platform; 0 = one per core.
 
@@ -70,6 +72,31 @@ def get_config() -> ml_collections.ConfigDict:
     c.sfbd.clean_repeat = 1  # clean images appear this often in D^(k) ∪ D_clean (1 = uniform).
     c.sfbd.restart_warmup = False  # restart the lr warm-up every round (the reference bug).
     c.sfbd.eval_every_round = True  # sample grids after every round (else only the last).
+
+    # Online SFBD (config.mode = 'online_sfbd'; SFBD flow, Lu, Lo & Yu 2026): pretrain on the
+    # clean subset for sfbd.pretrain_images (as mode 'sfbd' round 0), then train without rounds
+    # on the clean subset ∪ a denoised buffer (one entry per noisy image) refreshed as the
+    # model improves. The refresh is SFBD's backward step (sfbd.backward_num_steps,
+    # sfbd.backward_churn, the sampler's grid options) with the current EMA parameters.
+    c.online = ml_collections.ConfigDict()
+    c.online.train_images = 12_800  # training images after pretraining.
+    c.online.refresh_every_steps = 20  # m: a refresh before every m-th online step.
+    # Noisy images denoised per refresh, in a seeded order that cycles through the whole set
+    # (the same permutation every cycle); a multiple of the device count.
+    c.online.refresh_count = 64
+    # Which copy of the network denoises: 'ema' (as round-based SFBD) or 'params' (the live
+    # weights); the paper does not say.
+    c.online.denoise_with = "ema"
+    # Weight w of the buffer, linear from 0 at online step ramp_start to 1 at ramp_end (online
+    # steps count from the end of pretraining). Each example of a batch is a buffer entry with
+    # probability w·n/(N_clean + w·n), n = entries denoised so far (w = 1: uniform over
+    # clean ∪ buffer, as round-based SFBD), or w·(1 − clean_share) when clean_share > 0.
+    c.online.ramp_start = 0
+    c.online.ramp_end = 100
+    c.online.clean_share = 0.0  # > 0: a fixed share of clean examples (Online SFBD-OMNI: 0.2).
+    # config.eval metrics (with eval.round_num_samples > 0) and a sample grid every this many
+    # online steps; 0 = only at the end of pretraining and at the end.
+    c.online.eval_every_steps = 0
 
     # Ambient Diffusion Omni (config.mode = 'ambient'): clean ∪ low-quality images from
     # config.corrupt (a corruption of the library, or type 'folder'), each low-quality image

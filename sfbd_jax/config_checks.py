@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-KNOWN_MODES = ("edm", "sfbd", "ambient")
+KNOWN_MODES = ("edm", "sfbd", "online_sfbd", "ambient")
 KNOWN_SOURCES = ("mnist5k", "tfds", "folder")
 MNIST5K_SIZE = 5000
 CORRUPTION_PARAMS = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
@@ -99,10 +99,12 @@ def validate_config(config) -> None:
         raise ValueError("config.train.total_images is smaller than one batch "
                          f"({config.train.total_images} < {config.train.batch_size})")
     check_data(config)
-    if config.mode in ("sfbd", "ambient") or config.data.use_prepared:
+    if config.mode in ("sfbd", "online_sfbd", "ambient") or config.data.use_prepared:
         check_corruption(config)
     if config.mode == "sfbd":
         check_sfbd(config)
+    if config.mode == "online_sfbd":
+        check_online(config)
     if config.mode == "ambient":
         check_ambient(config)
 
@@ -198,19 +200,72 @@ def check_sfbd(config) -> None:
     cfg = config.sfbd
     if cfg.rounds < 0 or cfg.clean_repeat < 1:
         raise ValueError("config.sfbd.rounds must be >= 0 and config.sfbd.clean_repeat >= 1")
-    if config.corrupt.type != "gaussian_noise":
-        raise ValueError("SFBD deconvolves additive Gaussian noise: config.corrupt.type must "
-                         f"be 'gaussian_noise', got {config.corrupt.type!r}")
+    _check_backward(config)
     dispatch = config.train.batch_size * config.train.steps_per_dispatch
-    if cfg.pretrain_images < dispatch or (cfg.rounds and cfg.images_per_round < dispatch):
-        raise ValueError("config.sfbd.pretrain_images and images_per_round must each be at "
-                         f"least one dispatch of config.train.batch_size images ({dispatch})")
-    if cfg.backward_num_steps < 1 or cfg.denoise_batch_size <= 0:
-        raise ValueError("config.sfbd.backward_num_steps and denoise_batch_size must be > 0")
+    if cfg.rounds and cfg.images_per_round < dispatch:
+        raise ValueError("config.sfbd.images_per_round must be at least one dispatch of "
+                         f"config.train.batch_size images ({dispatch})")
     if cfg.denoise_shard_size <= 0 or cfg.denoise_shard_size % cfg.denoise_batch_size:
         raise ValueError(f"config.sfbd.denoise_shard_size={cfg.denoise_shard_size} must be a "
                          f"positive multiple of config.sfbd.denoise_batch_size="
                          f"{cfg.denoise_batch_size}")
+
+
+def _check_backward(config) -> None:
+    """What SFBD and online SFBD share: Gaussian noise to invert, pretraining, the backward
+    step's grid."""
+    cfg = config.sfbd
+    if config.corrupt.type != "gaussian_noise":
+        raise ValueError(f"{config.mode} deconvolves additive Gaussian noise: "
+                         f"config.corrupt.type must be 'gaussian_noise', got "
+                         f"{config.corrupt.type!r}")
+    dispatch = config.train.batch_size * config.train.steps_per_dispatch
+    if cfg.pretrain_images < dispatch:
+        raise ValueError("config.sfbd.pretrain_images must be at least one dispatch of "
+                         f"config.train.batch_size images ({dispatch})")
+    if cfg.backward_num_steps < 1 or cfg.denoise_batch_size <= 0:
+        raise ValueError("config.sfbd.backward_num_steps and denoise_batch_size must be > 0")
+
+
+def noisy_count(config) -> int | None:
+    """Images in the noisy group of the prepared data set, when the source size is cheap to
+    know (see ``source_size``); None otherwise."""
+    n = source_size(config.data)
+    if n is None:
+        return None
+    c = config.corrupt
+    clean = c.clean_count if c.clean_count > 0 else int(round(c.clean_fraction * n))
+    return n - clean
+
+
+def check_online(config) -> None:
+    """The keys of config.online (online SFBD) and what it shares with SFBD."""
+    _check_backward(config)
+    o, t = config.online, config.train
+    if o.refresh_every_steps < 1:
+        raise ValueError("config.online.refresh_every_steps (m) must be >= 1, got "
+                         f"{o.refresh_every_steps}")
+    if o.refresh_every_steps % t.steps_per_dispatch:
+        raise ValueError(f"config.online.refresh_every_steps={o.refresh_every_steps} must be a "
+                         f"multiple of config.train.steps_per_dispatch={t.steps_per_dispatch} "
+                         "(a refresh happens between dispatches)")
+    if o.denoise_with not in ("ema", "params"):
+        raise ValueError(f"config.online.denoise_with must be 'ema' or 'params', got "
+                         f"{o.denoise_with!r}")
+    if o.refresh_count < 1:
+        raise ValueError(f"config.online.refresh_count must be >= 1, got {o.refresh_count}")
+    noisy = noisy_count(config)
+    if noisy is not None and o.refresh_count > noisy:
+        raise ValueError(f"config.online.refresh_count={o.refresh_count} is larger than the "
+                         f"noisy set ({noisy} images): a refresh would denoise an image twice")
+    if o.ramp_start < 0 or o.ramp_end < o.ramp_start:
+        raise ValueError(f"config.online.ramp_end={o.ramp_end} must be >= ramp_start="
+                         f"{o.ramp_start} >= 0 (online steps)")
+    if not 0.0 <= o.clean_share < 1.0:
+        raise ValueError(f"config.online.clean_share must lie in [0, 1), got {o.clean_share}")
+    if o.train_images < t.batch_size * t.steps_per_dispatch:
+        raise ValueError("config.online.train_images must be at least one dispatch of "
+                         f"config.train.batch_size images ({t.batch_size * t.steps_per_dispatch})")
 
 
 def check_ambient(config) -> None:

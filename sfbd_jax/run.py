@@ -57,12 +57,16 @@ def run(config, workdir: str):
         from sfbd_jax.methods import sfbd
 
         return sfbd.run_sfbd(config, workdir)
+    if config.mode == "online_sfbd":
+        from sfbd_jax.methods import online_sfbd
+
+        return online_sfbd.run_online_sfbd(config, workdir)
     if config.mode == "ambient":
         from sfbd_jax.methods import ambient
 
         return ambient.run_ambient(config, workdir)
     raise ValueError(f"config.mode={config.mode!r} is unknown; known modes: 'edm', 'sfbd', "
-                     "'ambient'")
+                     "'online_sfbd', 'ambient'")
 
 
 def run_evaluation(config, workdir: str, checkpoint: str = "latest") -> dict:

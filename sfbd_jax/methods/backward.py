@@ -43,6 +43,31 @@ def check_complete(entries: list[dict], num_rows: int) -> None:
         raise CountCheckError(f"denoised set holds {position} images, the noisy set {num_rows}")
 
 
+def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, batch_size: int,
+                 key: jax.Array, labels: np.ndarray | None = None) -> np.ndarray:
+    """``noisy[rows]`` (len(rows), H, W, C) denoised with ``sample(params, x, labels, key)``
+    in global batches of ``batch_size`` sharded over ``mesh``; the batch starting at position
+    i of ``rows`` uses the key ``fold_in(key, rows[i])``. A last partial batch is padded with
+    copies of its last row (dropped again). Each process reads only its devices' rows (from a
+    memory-mapped set: only those pages); every process gets the whole result."""
+    devices.check_divisible(batch_size, mesh, "the denoising batch size")
+    sharding = devices.batch_sharding(mesh)
+    outputs = []
+    for i in range(0, len(rows), batch_size):
+        part = np.asarray(rows[i:i + batch_size])
+        padded = np.concatenate([part, np.full(batch_size - len(part), part[-1])])
+        local = padded[devices.process_rows(sharding, (batch_size,), 0)]
+        x = jax.make_array_from_process_local_data(
+            sharding, np.asarray(noisy[local], np.float32), (batch_size, *noisy.shape[1:]))
+        y = None
+        if labels is not None:
+            y = jax.make_array_from_process_local_data(
+                sharding, np.asarray(labels[local], np.int32), (batch_size,))
+        out = sample(params, x, y, jax.random.fold_in(key, int(part[0])))
+        outputs.append(devices.to_host(out)[: len(part)])
+    return np.concatenate(outputs)
+
+
 def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_size: int,
                 shard_size: int, key: jax.Array, settings: dict,
                 labels: np.ndarray | None = None) -> list[dict]:
@@ -72,7 +97,6 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
     # Every process must take the same decisions below (which shards to redo): none may start
     # before all have read the record that process 0 is about to extend.
     devices.sync_processes(f"denoise-start:{out_dir}")
-    sharding = devices.batch_sharding(mesh)
     entries = []
     for start in range(0, n, shard_size):
         stop = min(start + shard_size, n)
@@ -84,21 +108,8 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
                 continue
             except shards.CorruptShardError as err:
                 logging.warning("Re-denoising rows %d..%d: %s", start, stop - 1, err)
-        outputs = []
-        for b0 in range(start, stop, batch_size):
-            rows = np.arange(b0, min(b0 + batch_size, stop))
-            padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
-            # Each process reads (from the memory-mapped shards) only its devices' rows.
-            local = padded[devices.process_rows(sharding, (batch_size,), 0)]
-            x = jax.make_array_from_process_local_data(
-                sharding, np.asarray(noisy[local], np.float32), (batch_size, *noisy.shape[1:]))
-            y = None
-            if labels is not None:
-                y = jax.make_array_from_process_local_data(
-                    sharding, np.asarray(labels[local], np.int32), (batch_size,))
-            out = sample(params, x, y, jax.random.fold_in(key, b0))
-            outputs.append(devices.to_host(out)[: len(rows)])
-        denoised = np.concatenate(outputs)
+        denoised = denoise_rows(sample, params, noisy, np.arange(start, stop), mesh=mesh,
+                                batch_size=batch_size, key=key, labels=labels)
         if len(denoised) != stop - start:
             raise CountCheckError(f"rows {start}..{stop - 1}: denoised {len(denoised)} images")
         bad = shards.nonfinite_rows(denoised) + start

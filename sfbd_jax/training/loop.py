@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -146,13 +147,17 @@ class Experiment:
     def train(self, state: TrainState, dataset: sources.ImageDataset, *, end_step: int,
               phase_start_step: int, data_seed: int, checkpointer: checkpoints.Checkpointer,
               writer, workdir: str, tag: str = "train",
-              batches: pipeline.TrainBatches | None = None) -> TrainState:
+              batches: pipeline.TrainBatches | None = None,
+              before_dispatch: Callable[[int, TrainState], None] | None = None
+              ) -> TrainState:
         """Train ``state`` on ``dataset`` until ``state.step == end_step``.
 
         Batch ``i`` of the phase is drawn for step ``phase_start_step + i`` from ``data_seed``,
         so a resumed phase sees exactly the batches an uninterrupted one would. ``batches``
         replaces the uniform batches over ``dataset`` (e.g. Ambient-Omni's
-        ``eligibility.AmbientBatches``, whose maker validates its data).
+        ``eligibility.AmbientBatches``, whose maker validates its data). ``before_dispatch``
+        is called with (global step, state) before every dispatch (online SFBD refreshes its
+        buffer there).
         """
         cfg = self.config.train
         if batches is None:
@@ -172,6 +177,8 @@ class Experiment:
         t_last, step_last = time.time(), step_now
         first_nonfinite = jnp.full((2,), -1, jnp.int32)  # (loss, gradient): see step.py
         while step_now < end_step:
+            if before_dispatch is not None:
+                before_dispatch(step_now, state)
             state, metrics = self.train_step(state, batches.get(step_now - phase_start_step))
             first_nonfinite = step.track_first_nonfinite(
                 first_nonfinite, metrics.pop("first_nonfinite"), jnp.int32(step_now))

@@ -1,0 +1,416 @@
+"""Online SFBD (SFBD flow, Lu, Lo & Yu 2026; METHODS.md §2, "online"): SFBD without rounds.
+
+Pretrain on the clean subset (exactly ``mode=sfbd``'s round 0), then train without stopping on
+the clean subset ∪ a *denoised buffer* holding one entry per noisy image:
+
+- before every m-th online step (m = ``online.refresh_every_steps``; online steps count from
+  the end of pretraining, the first refresh comes before online step 0), refresh j denoises
+  ``online.refresh_count`` = c noisy images with SFBD's backward step (the probability-flow ODE
+  from σ_ζ, ``sfbd.backward_*`` and the sampler's grid options) using the current EMA
+  parameters (``online.denoise_with``), and writes them over their buffer entries. Refresh j
+  takes positions j·c … j·c + c − 1 (mod N) of one seeded permutation of the N noisy images,
+  so every ⌈N/c⌉ refreshes cover every image, each once per cycle;
+- each example of a training batch is a buffer entry with probability w·n / (N_clean + w·n)
+  (n = entries denoised so far; never-denoised entries are never drawn), else a clean image,
+  all drawn uniformly with replacement from a generator seeded by (seed, step); w ramps
+  linearly from 0 at online step ``ramp_start`` to 1 at ``ramp_end`` (w = 1: uniform over
+  clean ∪ buffer, as round-based SFBD). ``online.clean_share`` > 0 makes the buffer share
+  w·(1 − clean_share) instead. Training sees denoised images clipped to [-1, 1], as SFBD.
+
+Run directory (beside the usual checkpoints/, samples/, eval/):
+    online/refresh_<j>.npy  refresh j's denoised images (c, H, W, C), unclipped
+    online/refresh_<j>.json its step, rows and sha256 (written last: the refresh is complete)
+    online/settings.json    what the refreshes depend on; a resumed run must match it
+    online_summary.json     metrics at the end of pretraining, every online.eval_every_steps
+                            and at the end
+
+The buffer is held in host memory (N images; 50,000 CIFAR-10 images: 0.6 GB) and is a function
+of the refreshes made before the current step, so it is not checkpointed: a resumed run rebuilds
+it from the last ⌈N/c⌉ refresh files before its checkpoint's step (files made after that step
+are dropped and recomputed identically), which makes a killed run end bit-identical to an
+uninterrupted one. Files no retained checkpoint can need are deleted as training goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from sfbd_jax import config_checks
+from sfbd_jax.data import pipeline, shards
+from sfbd_jax.data import prepare as prepare_lib
+from sfbd_jax.data.eval_only import load_clean_originals
+from sfbd_jax.data.prepared import PreparedDataset
+from sfbd_jax.data.sources import ImageDataset
+from sfbd_jax.diffusion import sampler as sampler_lib
+from sfbd_jax.evaluation import denoising, training_sets
+from sfbd_jax.evaluation import evaluator as evaluator_lib
+from sfbd_jax.methods import backward
+from sfbd_jax.methods.sfbd import phase_steps
+from sfbd_jax.training import loop
+from sfbd_jax.training.state import TrainState
+from sfbd_jax.utils import checkpoints, devices, integrity, jsonfile
+
+SUMMARY = "online_summary.json"
+_ORDER_STREAM, _BATCH_STREAM, _REFRESH_STREAM = 4099, 31337, 2_000_003
+
+
+# ----- the schedule: pure functions of the config --------------------------------------------
+def refresh_order(num_noisy: int, seed: int) -> np.ndarray:
+    """The seeded permutation of the noisy images that the refreshes walk through, cyclically."""
+    return np.random.default_rng([seed, _ORDER_STREAM]).permutation(num_noisy)
+
+
+def refresh_rows(order: np.ndarray, j: int, count: int) -> np.ndarray:
+    """Noisy-set rows (count,) that refresh j denoises: positions j·count … (mod N) of
+    ``order``; distinct while count ≤ N."""
+    return order[np.arange(j * count, (j + 1) * count) % len(order)]
+
+
+def refreshes_before(online_step: int, every: int) -> int:
+    """Refreshes made before training step ``online_step`` runs (one before steps 0, m, 2m…,
+    so ⌈online_step / m⌉ of them precede a checkpoint taken at that step)."""
+    return -(-online_step // every) if online_step > 0 else 0
+
+
+def covered(num_refreshes: int, count: int, num_noisy: int) -> int:
+    """Buffer entries denoised at least once after ``num_refreshes`` refreshes: the first
+    that-many positions of the order."""
+    return min(num_noisy, num_refreshes * count)
+
+
+def buffer_weight(online_step: int, ramp_start: int, ramp_end: int) -> float:
+    """w ∈ [0, 1]: 0 up to ``ramp_start``, linear to 1 at ``ramp_end``, 1 after."""
+    if online_step >= ramp_end:
+        return 1.0
+    if online_step <= ramp_start:
+        return 0.0
+    return (online_step - ramp_start) / (ramp_end - ramp_start)
+
+
+def buffer_probability(weight: float, num_covered: int, num_clean: int,
+                       clean_share: float) -> float:
+    """Probability that a training example is a buffer entry."""
+    if num_covered == 0 or weight == 0.0:
+        return 0.0
+    if clean_share > 0.0:
+        return weight * (1.0 - clean_share)
+    return weight * num_covered / (num_clean + weight * num_covered)
+
+
+class OnlineBatches(pipeline.TrainBatches):
+    """Batches over ``union`` = clean images (rows 0..N_clean−1) then the buffer (one row per
+    noisy image); ``draw(u)`` for online step u follows the module docstring."""
+
+    def __init__(self, union: ImageDataset, num_clean: int, order: np.ndarray, online_cfg,
+                 batch_size: int, steps_per_dispatch: int, seed: int, mesh, num_classes: int,
+                 random_flip: bool):
+        super().__init__(union, batch_size, steps_per_dispatch, seed, mesh, num_classes,
+                         random_flip)
+        self.num_clean, self.order, self.cfg = num_clean, order, online_cfg
+        self.batch_size = batch_size
+
+    def buffer_share(self, online_step: int) -> tuple[float, int, float]:
+        """(w, entries covered, probability of a buffer example) at ``online_step``."""
+        cfg = self.cfg
+        n = covered(online_step // cfg.refresh_every_steps + 1, cfg.refresh_count,
+                    len(self.order))
+        w = buffer_weight(online_step, cfg.ramp_start, cfg.ramp_end)
+        return w, n, buffer_probability(w, n, self.num_clean, cfg.clean_share)
+
+    def draw(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        _, n, p = self.buffer_share(step)
+        rng = np.random.default_rng([self.seed, _BATCH_STREAM, step])
+        from_buffer = rng.random(self.batch_size) < p
+        clean_rows = rng.integers(self.num_clean, size=self.batch_size)
+        buffer_rows = self.num_clean + self.order[rng.integers(max(n, 1), size=self.batch_size)]
+        return np.where(from_buffer, buffer_rows, clean_rows), {}
+
+
+# ----- the run ------------------------------------------------------------------------------
+class OnlineSFBDRun:
+    """One online SFBD run in ``workdir`` (see the module docstring)."""
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.experiment = loop.Experiment(config)
+        config_checks.check_online(config)
+        devices.check_divisible(config.sfbd.denoise_batch_size, self.experiment.mesh,
+                                "config.sfbd.denoise_batch_size")
+        self.pretrain_steps, _ = phase_steps(config)
+        b, k = config.train.batch_size, config.train.steps_per_dispatch
+        online_steps = config.online.train_images // b
+        self.end_step = self.pretrain_steps + online_steps - online_steps % k
+        self.data_dir = config.corrupt.output_dir or os.path.join(self.workdir, "data")
+        self.refresh_dir = os.path.join(self.workdir, "online")
+        self._evaluator = (evaluator_lib.Evaluator(config, self.experiment.mesh)
+                           if config.eval.round_num_samples > 0 else None)
+
+    # ----- driver -----------------------------------------------------------------------
+    def run(self) -> TrainState:
+        config, exp = self.config, self.experiment
+        loop.write_run_config(config, self.workdir)
+        config = prepare_lib.with_output_dir(config, self.workdir)
+        prepare_lib.prepare_on_main_process(config)
+        data = PreparedDataset(self.data_dir)
+        clean = data.clean()
+        noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
+        self.noisy = noisy
+        self.sigma_zeta = float(data.manifest["settings"]["corruption"]["sigma"])
+        oc = config.online
+        if oc.refresh_count > len(noisy):
+            raise ValueError(f"config.online.refresh_count={oc.refresh_count} is larger than "
+                             f"the noisy set ({len(noisy)} images)")
+        labels = None
+        if config.model.num_classes > 0:
+            pipeline.validate_labels(noisy.labels, config.model.num_classes, "noisy")
+            labels = np.concatenate([clean.labels, noisy.labels])
+        self.noisy_labels = noisy.labels if config.model.num_classes > 0 else None
+        self.order = refresh_order(len(noisy), config.seed)
+        self.num_clean = len(clean)
+        union = np.zeros((len(clean) + len(noisy), *clean.images.shape[1:]), np.float32)
+        union[: len(clean)] = clean.images
+        self.union = union
+        self.raw = np.zeros((len(noisy), *clean.images.shape[1:]), np.float32)
+        self.last_refresh_step = np.full(len(noisy), -1, np.int64)
+        self._sample = self._make_sampler()
+        self._check_settings()
+        logging.info("Online SFBD on %s: %d clean + %d noisy images, σ_ζ = %g; %d images per "
+                     "refresh every %d steps (%d network evaluations per image).",
+                     data.manifest["source_name"], len(clean), len(noisy), self.sigma_zeta,
+                     oc.refresh_count, oc.refresh_every_steps, self.evaluations_per_image)
+
+        self.writer = metric_writers.create_default_writer(
+            self.workdir, just_logging=jax.process_index() > 0)
+        self.ckpt = checkpoints.Checkpointer.for_training(
+            os.path.join(self.workdir, "checkpoints"), config.train)
+        summary = jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])
+        try:
+            state = exp.restore_or_init(self.ckpt, 0)
+            with metric_writers.ensure_flushes(self.writer):
+                if int(state.step) < self.pretrain_steps:
+                    state = exp.train(state, clean, end_step=self.pretrain_steps,
+                                      phase_start_step=0, data_seed=config.seed,
+                                      checkpointer=self.ckpt, writer=self.writer,
+                                      workdir=self.workdir, tag="pretrain")
+                if not any(r["step"] == self.pretrain_steps for r in summary):
+                    summary = self._evaluate(state, summary, "pretrain")
+                self._rebuild_buffer(int(state.step))
+                batches = OnlineBatches(
+                    ImageDataset(union, labels, clean.num_classes, "clean+buffer"),
+                    len(clean), self.order, oc, config.train.batch_size,
+                    config.train.steps_per_dispatch, config.seed + 7919, exp.mesh,
+                    config.model.num_classes, config.data.random_flip)
+                self._batches = batches
+                if int(state.step) < self.end_step:
+                    state = exp.train(state, batches.dataset, end_step=self.end_step,
+                                      phase_start_step=self.pretrain_steps,
+                                      data_seed=config.seed, checkpointer=self.ckpt,
+                                      writer=self.writer, workdir=self.workdir, tag="online",
+                                      batches=batches, before_dispatch=self._before_dispatch)
+                if not any(r["step"] == self.end_step for r in summary):
+                    summary = self._evaluate(state, summary, "online")
+        finally:
+            self.ckpt.close()
+        return state
+
+    # ----- refreshes --------------------------------------------------------------------
+    def _make_sampler(self):
+        cfg, sc = self.config.sfbd, self.config.sampler
+        sigmas = sampler_lib.sigmas_from_level(self.sigma_zeta, cfg.backward_num_steps,
+                                               sc.sigma_min, sc.sigma_max, sc.rho)
+        self.evaluations_per_image = sampler_lib.num_evaluations(sigmas)
+        return sampler_lib.make_sharded_sampler(
+            self.experiment.denoise, self.experiment.mesh, sigmas, s_churn=cfg.backward_churn,
+            s_tmin=sc.s_tmin, s_tmax=sc.s_tmax, s_noise=sc.s_noise)
+
+    def _settings(self) -> dict:
+        c = self.config
+        return {"seed": c.seed, "refresh_every_steps": c.online.refresh_every_steps,
+                "refresh_count": c.online.refresh_count, "pretrain_steps": self.pretrain_steps,
+                "num_noisy": len(self.noisy), "sigma_zeta": self.sigma_zeta,
+                "backward_num_steps": c.sfbd.backward_num_steps,
+                "backward_churn": c.sfbd.backward_churn,
+                "denoise_batch_size": c.sfbd.denoise_batch_size,
+                "denoise_with": c.online.denoise_with,
+                "noisy_shards": prepare_lib.shards_digest(
+                    prepare_lib.read_manifest(self.data_dir), ("noisy",))}
+
+    def _check_settings(self) -> None:
+        path = os.path.join(self.refresh_dir, "settings.json")
+        settings = self._settings()
+        old = jsonfile.read_json(path, None)
+        if old is not None and old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{self.refresh_dir} holds refreshes made with other settings ("
+                + "; ".join(f"{k}: {old.get(k)!r} → {settings.get(k)!r}" for k in changed)
+                + "): resume with the run's own config, or use a new workdir")
+        if jax.process_index() == 0:
+            jsonfile.write_json(path, settings)
+
+    def _path(self, j: int) -> str:
+        return os.path.join(self.refresh_dir, f"refresh_{j:08d}")
+
+    def _refresh(self, j: int, state: TrainState) -> None:
+        """Refresh j: denoise its rows with the EMA parameters of ``state``; write the file,
+        then its record; update the buffer."""
+        oc = self.config.online
+        rows = refresh_rows(self.order, j, oc.refresh_count)
+        # One batch shape for every refresh: the denoising batch, or the refresh rounded up to
+        # a multiple of the device count when it is smaller (padding rows are dropped).
+        n_dev = self.experiment.mesh.devices.size
+        batch = min(self.config.sfbd.denoise_batch_size, -(-oc.refresh_count // n_dev) * n_dev)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), _REFRESH_STREAM + j)
+        labels = None if self.noisy_labels is None else self.noisy_labels
+        params = state.ema_params if oc.denoise_with == "ema" else state.params
+        denoised = backward.denoise_rows(self._sample, params, self.noisy.images, rows,
+                                         mesh=self.experiment.mesh, batch_size=batch, key=key,
+                                         labels=labels)
+        bad = shards.nonfinite_rows(denoised)
+        if bad.size:
+            raise FloatingPointError(
+                f"online SFBD refresh {j} (step {int(state.step)}) produced NaN or infinite "
+                f"images for {bad.size} noisy row(s) ({', '.join(map(str, rows[bad][:10]))}); "
+                "the model has diverged: check the training loss")
+        if jax.process_index() == 0:
+            path = self._path(j)
+            entry = shards.write_shard(self.refresh_dir, os.path.basename(path) + ".npy.tmp",
+                                       denoised)
+            os.replace(path + ".npy.tmp", path + ".npy")
+            jsonfile.write_json(path + ".json", {"refresh": j, "step": int(state.step),
+                                                 "rows": entry["rows"],
+                                                 "sha256": entry["sha256"]})
+        self._apply(j, rows, denoised, int(state.step))
+
+    def _apply(self, j: int, rows: np.ndarray, denoised: np.ndarray, step: int) -> None:
+        self.raw[rows] = denoised
+        self.union[self.num_clean + rows] = np.clip(denoised, -1.0, 1.0)
+        self.last_refresh_step[rows] = step
+
+    def _rebuild_buffer(self, step: int) -> None:
+        """The buffer as it was before training step ``step``: refresh files made before it
+        (the last ⌈N/c⌉ suffice), verified; later ones are removed (they are redone)."""
+        oc = self.config.online
+        made = refreshes_before(step - self.pretrain_steps, oc.refresh_every_steps)
+        cycle = math.ceil(len(self.noisy) / oc.refresh_count)
+        devices.sync_processes(f"online-rebuild:{step}")
+        for j in range(max(0, made - cycle), made):
+            path = self._path(j)
+            record = jsonfile.read_json(path + ".json", None)
+            if record is None:
+                raise FileNotFoundError(
+                    f"online SFBD: {path}.json is missing, so the buffer at step {step} cannot "
+                    "be rebuilt (refresh files must stay beside the checkpoints)")
+            entry = {"file": os.path.basename(path) + ".npy", "rows": record["rows"],
+                     "sha256": record["sha256"]}
+            shards.verify_shard(self.refresh_dir, entry)
+            self._apply(j, refresh_rows(self.order, j, oc.refresh_count),
+                        np.load(path + ".npy"), record["step"])
+        if made:
+            logging.info("Online SFBD: buffer rebuilt from refreshes %d..%d (step %d).",
+                         max(0, made - cycle), made - 1, step)
+        devices.sync_processes(f"online-rebuilt:{step}")
+        if jax.process_index() == 0:
+            self._remove_refreshes(lambda j: j >= made)
+
+    def _remove_refreshes(self, which) -> None:
+        if not os.path.isdir(self.refresh_dir):
+            return
+        for name in sorted(os.listdir(self.refresh_dir)):
+            if name.startswith("refresh_") and name.endswith(".json"):
+                j = int(name[len("refresh_"):-len(".json")])
+                if which(j):
+                    os.remove(os.path.join(self.refresh_dir, name))  # the record first
+                    npy = self._path(j) + ".npy"
+                    if os.path.exists(npy):
+                        os.remove(npy)
+
+    def _prune(self) -> None:
+        """Delete refresh files that no retained checkpoint can need."""
+        steps = [s for s in self.ckpt.all_steps() if s >= self.pretrain_steps]
+        if not steps:
+            return
+        oc = self.config.online
+        made = refreshes_before(min(steps) - self.pretrain_steps, oc.refresh_every_steps)
+        keep_from = made - math.ceil(len(self.noisy) / oc.refresh_count)
+        self._remove_refreshes(lambda j: j < keep_from)
+
+    def _before_dispatch(self, step: int, state: TrainState) -> None:
+        oc, tc = self.config.online, self.config.train
+        u = step - self.pretrain_steps
+        if u % oc.refresh_every_steps == 0:
+            self._refresh(u // oc.refresh_every_steps, state)
+            if jax.process_index() == 0:
+                self._prune()
+        if tc.log_every_steps and u % tc.log_every_steps == 0:
+            made = u // oc.refresh_every_steps + 1
+            self.writer.write_scalars(step, {f"online/{k}": v
+                                             for k, v in self.diagnostics(step, made).items()})
+        every = oc.eval_every_steps
+        if every and u and u % every == 0:
+            summary = jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])
+            if not any(r["step"] == step for r in summary):
+                self._evaluate(state, summary, f"online_step{step:07d}")
+
+    # ----- diagnostics and evaluation ---------------------------------------------------
+    def diagnostics(self, step: int, refreshes: int) -> dict[str, float]:
+        """Buffer coverage, mean age of denoised entries (steps), buffer MSE/PSNR against the
+        evaluation-only originals (denoised entries, clipped), the buffer weight and share,
+        the ``refreshes`` made so far."""
+        u = step - self.pretrain_steps
+        done = self.last_refresh_step >= 0
+        w, _, p = self._batches.buffer_share(u)
+        out = {"coverage": float(done.mean()), "buffer_weight": w, "buffer_probability": p,
+               "refreshes": float(refreshes)}
+        if done.any():
+            out["mean_age_steps"] = float(np.mean(step - self.last_refresh_step[done]))
+            originals = self._originals()[done]
+            mse, psnr = denoising.mse_psnr(np.clip(self.raw[done], -1.0, 1.0), originals)
+            out.update(buffer_mse=mse, buffer_psnr=psnr)
+        return out
+
+    def _originals(self) -> np.ndarray:
+        if not hasattr(self, "_originals_cache"):
+            self._originals_cache = load_clean_originals(self.data_dir)
+        return self._originals_cache
+
+    def _evaluate(self, state: TrainState, summary: list, tag: str) -> list:
+        """A summary row: compute so far (training images, denoising evaluations), buffer
+        diagnostics, config.eval metrics when eval.round_num_samples > 0, a sample grid."""
+        step = int(state.step)
+        u = step - self.pretrain_steps
+        refreshes = refreshes_before(u, self.config.online.refresh_every_steps) if u > 0 else 0
+        row = {"tag": tag, "step": step, "images_seen": int(state.images_seen),
+               "refreshes": refreshes,
+               "denoise_evaluations": refreshes * self.config.online.refresh_count
+               * self.evaluations_per_image}
+        if u >= 0 and hasattr(self, "_batches"):
+            row.update(self.diagnostics(step, refreshes))
+            row["refreshes"] = refreshes
+        if self._evaluator is not None:
+            train = training_sets.run_training_images(self.config, self.workdir)
+            result = self._evaluator.evaluate_model(
+                self.experiment, state.ema_params, self.config.eval.round_num_samples,
+                evaluator_lib.evaluation_key(self.config), train=train,
+                copies_path=os.path.join(self.workdir, "eval", f"copies_{tag}.png"))
+            row.update(evaluator_lib.without_timings(result))
+        row["samples"] = self.experiment.write_samples(state, self.workdir, self.writer, tag)
+        row["model_sha256"] = integrity.tree_digest(state.ema_params)
+        summary = [r for r in summary if r["step"] != step] + [row]
+        if jax.process_index() == 0:
+            jsonfile.write_json(os.path.join(self.workdir, SUMMARY), summary)
+        logging.info("Online SFBD %s: %s", tag, {k: v for k, v in row.items()
+                                                 if isinstance(v, (int, float))})
+        return summary
+
+
+def run_online_sfbd(config, workdir: str) -> TrainState:
+    """Entry for config.mode == 'online_sfbd'."""
+    return OnlineSFBDRun(config, workdir).run()
