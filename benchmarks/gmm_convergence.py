@@ -1,4 +1,5 @@
-"""SFBD on a Gaussian mixture, where p_data is known exactly: distance to p_data per round.
+"""SFBD on a Gaussian mixture, where p_data is known exactly: distance to p_data per round,
+and online SFBD beside it at equal compute (training steps + denoising evaluations).
 
     python benchmarks/gmm_convergence.py --variant 2d --out runs/gmm2d
     python benchmarks/gmm_convergence.py --variant 16d --out runs/gmm16d
@@ -168,6 +169,7 @@ def run(cfg, out: str, variant: str) -> dict:
     scatter = {"clean": clean, "noisy": noisy, "p_data": reference}
     params, opt_state, loss = trainer.train(params, opt_state, clean, cfg.train.pretrain_steps,
                                             jax.random.fold_in(key, 1), rng)
+    pretrained = (params, opt_state)
     for k in range(cfg.rounds + 1):
         if k > 0:
             denoised = trainer.denoise_set(params, noisy)
@@ -186,6 +188,8 @@ def run(cfg, out: str, variant: str) -> dict:
         print(f"[gmm {variant}] round {k}: swd {row['swd']:.4f}, frechet {row['frechet']:.4f}, "
               f"mean log p_data {row['mean_log_density']:.3f} ({time.time() - start:.0f} s)",
               flush=True)
+    rows += run_online(cfg, trainer, *pretrained, clean, noisy, originals, reference, means,
+                       std, key, scatter, variant, start)
     result = {"variant": variant, "config": cfg.to_dict(), "rows": rows,
               "seconds": time.time() - start}
     os.makedirs(out, exist_ok=True)
@@ -193,6 +197,52 @@ def run(cfg, out: str, variant: str) -> dict:
         json.dump(result, f, indent=1)
     plot(result, scatter, cfg, out, variant)
     return result
+
+
+def run_online(cfg, trainer, params, opt_state, clean, noisy, originals, reference, means,
+               std, key, scatter, variant, start) -> list[dict]:
+    """Online SFBD from the same pretrained model at SFBD's compute: ``rounds`` × round_steps
+    steps with a refresh of ⌈N/2⌉ noisy samples every round_steps/2 steps (so after k rounds'
+    worth of steps it has spent SFBD's k backward passes), the buffer weight ramped over the
+    first round_steps; the schedule and mixture of sfbd_jax.methods.online_sfbd. Evaluated at
+    SFBD's round ends."""
+    from sfbd_jax.methods import online_sfbd as online
+
+    n, b = len(noisy), cfg.train.batch_size
+    every, count = cfg.train.round_steps // 2, -(-len(noisy) // 2)
+    order = online.refresh_order(n, cfg.seed)
+    buffer = np.zeros_like(noisy)
+    rng = np.random.default_rng([cfg.seed, 77])
+    train_key = jax.random.fold_in(key, 5000)
+    rows, losses = [], []
+    for u in range(cfg.rounds * cfg.train.round_steps):
+        if u % every == 0:
+            rows_j = online.refresh_rows(order, u // every, count)
+            buffer[rows_j] = trainer.denoise_set(params, noisy[rows_j])
+        covered = online.covered(u // every + 1, count, n)
+        p = online.buffer_probability(online.buffer_weight(u, 0, cfg.train.round_steps),
+                                      covered, len(clean), 0.0)
+        from_buffer = rng.random(b) < p
+        x = np.where(from_buffer[:, None], buffer[order[rng.integers(covered, size=b)]],
+                     clean[rng.integers(len(clean), size=b)])
+        params, opt_state, loss = trainer._step(params, opt_state, as_images(x),
+                                                jax.random.fold_in(train_key, u))
+        losses.append(float(loss))
+        if (u + 1) % cfg.train.round_steps == 0:
+            k = (u + 1) // cfg.train.round_steps
+            samples = trainer.generate(params, cfg.eval_samples,
+                                       jax.random.fold_in(key, 1000 + k))
+            scatter[f"online {k}"] = samples
+            done = order[:covered]
+            row = dict(what=f"online SFBD at round {k}'s compute", online_round=k,
+                       train_loss=float(np.mean(losses[-100:])),
+                       buffer_mse=float(np.mean((buffer[done] - originals[done]) ** 2)),
+                       **distance_row(samples, reference, means, std, cfg))
+            rows.append(row)
+            print(f"[gmm {variant}] online at round {k}: swd {row['swd']:.4f}, frechet "
+                  f"{row['frechet']:.4f}, mean log p_data {row['mean_log_density']:.3f} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+    return rows
 
 
 def plot(result, scatter, cfg, out, variant) -> None:
@@ -208,9 +258,13 @@ def plot(result, scatter, cfg, out, variant) -> None:
                               ("sliced W₁ to p_data ↓", "Fréchet (moments) to p_data ↓",
                                "mean log p_data(samples) ↑"), strict=True):
         ax.plot([r["round"] for r in rounds], [r[key] for r in rounds], "o-", label="SFBD")
+        on = [r for r in rows if "online_round" in r]
+        if on:
+            ax.plot([r["online_round"] for r in on], [r[key] for r in on], "s--",
+                    label="online SFBD (same compute)")
         for r, style in zip(rows[:3], ("g--", "k-.", "r:"), strict=True):
             ax.axhline(r[key], color=style[0], linestyle=style[1:], label=r["what"])
-        ax.set_xlabel("round k (0 = pretrained on the clean samples)")
+        ax.set_xlabel("round k, or online SFBD at round k's compute (0 = pretrained)")
         ax.set_title(f"{cfg.gmm.dim}-D mixture, σ_ζ = {cfg.sigma_zeta}: {title}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

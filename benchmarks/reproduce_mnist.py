@@ -8,6 +8,11 @@ Rows (configs/reproduce_mnist.py; the same network and number of training images
   clean_only   EDM on the 50 clean digits only (SFBD's pretraining run for the whole budget)
   noisy        EDM on the corrupted set as given (4,950 noisy, clipped to [-1, 1], + 50 clean)
   sfbd         SFBD: pretrain on the 50, then K backward/forward rounds; one row per round
+  online_sfbd  online SFBD at equal compute: the same pretraining, then K·R training images
+               with a refresh every R/(2B) steps of N/2 noisy images (2 refreshes per SFBD
+               round's worth of training: the same denoising evaluations as one backward pass);
+               evaluated at the same points as SFBD's rounds (then the training images and the
+               denoising evaluations spent so far equal SFBD's after round k); one row per point
   tweediediff  the ambient loss on the noisy data with σ_n = σ_ζ, each noisy image used only at
                σ > σ_ζ·√(4/3) (Ambient-Omni's mode=ambient, annotation 'fixed'), + the 50 clean
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of generated
@@ -40,7 +45,7 @@ from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
 
-ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "tweediediff")
+ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "online_sfbd", "tweediediff")
 
 
 def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float = 1.0,
@@ -68,6 +73,16 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
         c.corrupt.output_dir = os.path.join(out, f"seed{seed}", "clean_only", "data")
     elif row == "noisy":  # the corrupted images clipped to [-1, 1] + the 50 clean
         c.mode, c.data.use_prepared, c.data.prepared_group = "edm", True, "noisy"
+    elif row == "online_sfbd":
+        c.mode = "online_sfbd"
+        steps_per_round = c.sfbd.images_per_round // c.train.batch_size
+        c.online.train_images = c.sfbd.rounds * c.sfbd.images_per_round
+        c.online.refresh_every_steps = steps_per_round // 2
+        c.online.eval_every_steps = steps_per_round
+        noisy = 5000 - c.corrupt.clean_count if not c.data.subset else (
+            c.data.subset - c.corrupt.clean_count)
+        c.online.refresh_count = -(-noisy // 2)  # 2 refreshes ≈ one backward pass
+        c.online.ramp_start, c.online.ramp_end = 0, steps_per_round
     elif row == "tweediediff":
         c.mode = "ambient"
         c.ambient.annotation, c.ambient.fixed_sigma_min = "fixed", 0.0  # raised to σ_n = σ_ζ
@@ -101,6 +116,16 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
         loop.train_and_evaluate(config, workdir)
         result = evaluate.evaluate(config, workdir, "latest")
         rows = [{**tables.metrics_of(result), "round": None}]
+    elif row == "online_sfbd":
+        from sfbd_jax.methods import online_sfbd
+
+        run.run(config, workdir)
+        summary = sorted(jsonfile.read_json(os.path.join(workdir, online_sfbd.SUMMARY), []),
+                         key=lambda r: r["step"])
+        rows = [{**tables.metrics_of(r), "round": k, "psnr": r.get("buffer_psnr"),
+                 "images_seen": r["images_seen"],
+                 "denoise_evaluations": r["denoise_evaluations"]}
+                for k, r in enumerate(summary)]
     elif row == "tweediediff":
         run.run(config, workdir)
         result = jsonfile.read_json(os.path.join(workdir, ambient.SUMMARY), {})
@@ -109,7 +134,7 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
         run.run(config, workdir)
         summary = jsonfile.read_json(os.path.join(workdir, sfbd.SUMMARY), [])
         # Round 0's PSNR is that of the noisy set itself (the starting point of D^(k)).
-        rows = [{**tables.metrics_of(r), "round": r["round"],
+        rows = [{**tables.metrics_of(r), "round": r["round"], "images_seen": r["images_seen"],
                  "psnr": None if row == "clean_only"
                  else r.get("denoised_psnr", r.get("noisy_psnr"))}
                 for r in sorted(summary, key=lambda r: r["round"])]
@@ -178,6 +203,11 @@ def table(results: list[dict]) -> str:
             label = ("(4) SFBD round 0 = pretrained; PSNR of the noisy set" if k == 0
                      else f"(4) SFBD round {k}")
             add(sigma, label, [r for r in sf if r["round"] == k])
+        on = [r for r in results if r["row"] == "online_sfbd" and r["sigma"] == sigma]
+        for k in sorted({r["round"] for r in on}):
+            label = ("(4b) online SFBD: pretrained" if k == 0 else
+                     f"(4b) online SFBD at round {k}'s compute; PSNR of the buffer")
+            add(sigma, label, [r for r in on if r["round"] == k])
         add(sigma, "(5) TweedieDiff: ambient loss, σ > 1.155·σ_ζ",
             [r for r in results if r["row"] == "tweediediff" and r["sigma"] == sigma])
     return "\n".join(lines)
@@ -200,12 +230,14 @@ def plot_metrics(results: list[dict], path: str) -> None:
     for i, sigma in enumerate(sigmas):
         for j, (key, title) in enumerate(metrics):
             ax = axes[i, j]
-            sf = [r for r in results if r["row"] == "sfbd" and r["sigma"] == sigma]
-            for seed in sorted({r["seed"] for r in sf}):
-                pts = sorted((r["round"], r.get(key)) for r in sf if r["seed"] == seed
-                             and r.get(key) is not None)
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), "o-", label=f"SFBD seed {seed}")
+            for method, marker in (("sfbd", "o-"), ("online_sfbd", "s--")):
+                sf = [r for r in results if r["row"] == method and r["sigma"] == sigma]
+                name = "SFBD" if method == "sfbd" else "online SFBD"
+                for seed in sorted({r["seed"] for r in sf}):
+                    pts = sorted((r["round"], r.get(key)) for r in sf if r["seed"] == seed
+                                 and r.get(key) is not None)
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), marker, label=f"{name} seed {seed}")
             if key != "psnr":
                 for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-."),
                                    ("tweediediff", "m-")):
@@ -218,7 +250,7 @@ def plot_metrics(results: list[dict], path: str) -> None:
                                           "noisy": "EDM on noisy",
                                           "tweediediff": "TweedieDiff"}[row])
             ax.set_title(f"σ_ζ = {sigma}: {title}")
-            ax.set_xlabel("SFBD round k (0 = pretrained on the 50 clean)")
+            ax.set_xlabel("SFBD round k, or online SFBD at round k's compute (0 = pretrained)")
             ax.grid(alpha=0.3)
             if key == "classifier_fd":
                 ax.set_yscale("log")

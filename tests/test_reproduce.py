@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gmm_convergence  # noqa: E402
 import reproduce_mnist  # noqa: E402
 
+from sfbd_jax.diffusion import sampler  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -30,7 +32,8 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
         results = json.load(f)
     rows = {(r["row"], r["round"]) for r in results}
     assert rows == {("oracle", None), ("clean_only", 0), ("noisy", None), ("sfbd", 0),
-                    ("sfbd", 1), ("sfbd", 2), ("tweediediff", None)}
+                    ("sfbd", 1), ("sfbd", 2), ("online_sfbd", 0), ("online_sfbd", 1),
+                    ("online_sfbd", 2), ("tweediediff", None)}
     budgets = {r["train_images"] for r in results}
     assert len(budgets) == 1  # the same training budget for every row
     for r in results:
@@ -42,8 +45,20 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     assert "memorised: train set, px" in text
     sfbd_psnr = [r["psnr"] for r in results if r["row"] == "sfbd"]
     assert all(np.isfinite(sfbd_psnr))
+    # Online SFBD at SFBD's compute: at each evaluation point the same training images and
+    # denoising evaluations as SFBD after that round.
+    sfbd_images = {r["round"]: r["images_seen"] for r in results if r["row"] == "sfbd"}
+    for r in (r for r in results if r["row"] == "online_sfbd"):
+        assert r["images_seen"] == sfbd_images[r["round"]]
+        c = reproduce_mnist.row_config("smoke", 0, "online_sfbd", out)
+        per_image = sampler.num_evaluations(sampler.sigmas_from_level(
+            0.2, c.sfbd.backward_num_steps, c.sampler.sigma_min, c.sampler.sigma_max,
+            c.sampler.rho))
+        assert r["denoise_evaluations"] == r["round"] * 350 * per_image
+        assert r["round"] == 0 or np.isfinite(r["psnr"])
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
-                  "(3) EDM on the noisy set", "(4) SFBD round 2", "(5) TweedieDiff"):
+                  "(3) EDM on the noisy set", "(4) SFBD round 2",
+                  "(4b) online SFBD at round 2's compute", "(5) TweedieDiff"):
         assert label in text
     for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
                  "mnist_triptych_sigma0.2.png"):
@@ -102,6 +117,9 @@ def test_gmm_convergence_smoke(tmp_path):
     assert [r["round"] for r in rounds] == [0, 1]
     assert all(np.isfinite(r["swd"]) and np.isfinite(r["mean_log_density"]) for r in rounds)
     assert np.isfinite(rounds[1]["denoised_mse"])
+    online = [r for r in result["rows"] if "online_round" in r]
+    assert [r["online_round"] for r in online] == [1]  # at round 1's compute
+    assert np.isfinite(online[0]["swd"]) and np.isfinite(online[0]["buffer_mse"])
     for name in ("gmm_smoke.json", "gmm_smoke_distances.png", "gmm_smoke_scatter.png"):
         assert os.path.exists(tmp_path / name)
 

@@ -190,7 +190,6 @@ class OnlineSFBDRun:
             self.workdir, just_logging=jax.process_index() > 0)
         self.ckpt = checkpoints.Checkpointer.for_training(
             os.path.join(self.workdir, "checkpoints"), config.train)
-        summary = jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])
         try:
             state = exp.restore_or_init(self.ckpt, 0)
             with metric_writers.ensure_flushes(self.writer):
@@ -199,8 +198,8 @@ class OnlineSFBDRun:
                                       phase_start_step=0, data_seed=config.seed,
                                       checkpointer=self.ckpt, writer=self.writer,
                                       workdir=self.workdir, tag="pretrain")
-                if not any(r["step"] == self.pretrain_steps for r in summary):
-                    summary = self._evaluate(state, summary, "pretrain")
+                if not self._evaluated(self.pretrain_steps):
+                    self._evaluate(state, "pretrain")
                 self._rebuild_buffer(int(state.step))
                 batches = OnlineBatches(
                     ImageDataset(union, labels, clean.num_classes, "clean+buffer"),
@@ -214,8 +213,8 @@ class OnlineSFBDRun:
                                       data_seed=config.seed, checkpointer=self.ckpt,
                                       writer=self.writer, workdir=self.workdir, tag="online",
                                       batches=batches, before_dispatch=self._before_dispatch)
-                if not any(r["step"] == self.end_step for r in summary):
-                    summary = self._evaluate(state, summary, "online")
+                if not self._evaluated(self.end_step):
+                    self._evaluate(state, "online")
         finally:
             self.ckpt.close()
         return state
@@ -354,10 +353,8 @@ class OnlineSFBDRun:
             self.writer.write_scalars(step, {f"online/{k}": v
                                              for k, v in self.diagnostics(step, made).items()})
         every = oc.eval_every_steps
-        if every and u and u % every == 0:
-            summary = jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])
-            if not any(r["step"] == step for r in summary):
-                self._evaluate(state, summary, f"online_step{step:07d}")
+        if every and u and u % every == 0 and not self._evaluated(step):
+            self._evaluate(state, f"online_step{step:07d}")
 
     # ----- diagnostics and evaluation ---------------------------------------------------
     def diagnostics(self, step: int, refreshes: int) -> dict[str, float]:
@@ -381,7 +378,13 @@ class OnlineSFBDRun:
             self._originals_cache = load_clean_originals(self.data_dir)
         return self._originals_cache
 
-    def _evaluate(self, state: TrainState, summary: list, tag: str) -> list:
+    def _summary(self) -> list:
+        return jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])
+
+    def _evaluated(self, step: int) -> bool:
+        return any(r["step"] == step for r in self._summary())
+
+    def _evaluate(self, state: TrainState, tag: str) -> None:
         """A summary row: compute so far (training images, denoising evaluations), buffer
         diagnostics, config.eval metrics when eval.round_num_samples > 0, a sample grid."""
         step = int(state.step)
@@ -403,12 +406,12 @@ class OnlineSFBDRun:
             row.update(evaluator_lib.without_timings(result))
         row["samples"] = self.experiment.write_samples(state, self.workdir, self.writer, tag)
         row["model_sha256"] = integrity.tree_digest(state.ema_params)
-        summary = [r for r in summary if r["step"] != step] + [row]
+        summary = [r for r in self._summary() if r["step"] != step] + [row]
         if jax.process_index() == 0:
-            jsonfile.write_json(os.path.join(self.workdir, SUMMARY), summary)
+            jsonfile.write_json(os.path.join(self.workdir, SUMMARY),
+                                sorted(summary, key=lambda r: r["step"]))
         logging.info("Online SFBD %s: %s", tag, {k: v for k, v in row.items()
                                                  if isinstance(v, (int, float))})
-        return summary
 
 
 def run_online_sfbd(config, workdir: str) -> TrainState:
