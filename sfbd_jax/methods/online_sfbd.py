@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -180,6 +181,7 @@ class OnlineSFBDRun:
         self.raw = np.zeros((len(noisy), *clean.images.shape[1:]), np.float32)
         self.last_refresh_step = np.full(len(noisy), -1, np.int64)
         self._sample = self._make_sampler()
+        self.refresh_seconds = 0.0  # this process's time in refreshes (not kept across resumes)
         self._check_settings()
         logging.info("Online SFBD on %s: %d clean + %d noisy images, σ_ζ = %g; %d images per "
                      "refresh every %d steps (%d network evaluations per image).",
@@ -260,6 +262,7 @@ class OnlineSFBDRun:
     def _refresh(self, j: int, state: TrainState) -> None:
         """Refresh j: denoise its rows with the EMA parameters of ``state``; write the file,
         then its record; update the buffer."""
+        start = time.perf_counter()
         oc = self.config.online
         rows = refresh_rows(self.order, j, oc.refresh_count)
         # One batch shape for every refresh: the denoising batch, or the refresh rounded up to
@@ -287,6 +290,11 @@ class OnlineSFBDRun:
                                                  "rows": entry["rows"],
                                                  "sha256": entry["sha256"]})
         self._apply(j, rows, denoised, int(state.step))
+        seconds = time.perf_counter() - start
+        self.refresh_seconds += seconds
+        logging.info("Online SFBD refresh %d (step %d): %d images in %.1f s (%.0f network "
+                     "evaluations/s).", j, int(state.step), len(rows), seconds,
+                     len(rows) * self.evaluations_per_image / max(seconds, 1e-9))
 
     def _apply(self, j: int, rows: np.ndarray, denoised: np.ndarray, step: int) -> None:
         self.raw[rows] = denoised
@@ -404,6 +412,8 @@ class OnlineSFBDRun:
                 evaluator_lib.evaluation_key(self.config), train=train,
                 copies_path=os.path.join(self.workdir, "eval", f"copies_{tag}.png"))
             row.update(evaluator_lib.without_timings(result))
+        if hasattr(self, "_batches"):
+            row["refresh_seconds_this_process"] = self.refresh_seconds
         row["samples"] = self.experiment.write_samples(state, self.workdir, self.writer, tag)
         row["model_sha256"] = integrity.tree_digest(state.ema_params)
         summary = [r for r in self._summary() if r["step"] != step] + [row]
