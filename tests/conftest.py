@@ -76,3 +76,31 @@ def two_devices():
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 host devices")
     return jax.devices()[:2]
+
+
+def kill_after_checkpoint(at_step: int):
+    """A replacement for ``Checkpointer.save`` that saves, waits, then raises
+    KeyboardInterrupt after the training checkpoint of ``at_step`` (a kill at that point)."""
+    from sfbd_jax.utils import checkpoints
+
+    real_save = checkpoints.Checkpointer.save
+
+    def save(self, step, state, force=True):
+        real_save(self, step, state, force)
+        if step == at_step and "checkpoints" in self.directory:
+            self.wait()
+            raise KeyboardInterrupt(f"killed after checkpoint {step}")
+    return save
+
+
+def make_image_folder(folder, count: int, seed: int) -> str:
+    """``count`` smooth 8×8 grey PNGs (upsampled random 2×2 patterns) in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        coarse = rng.uniform(0, 255, (2, 2))
+        Image.fromarray(np.kron(coarse, np.ones((4, 4))).astype(np.uint8)).save(
+            folder / f"{i:02d}.png")
+    return str(folder)

@@ -7,8 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
-from PIL import Image
+from conftest import kill_after_checkpoint, make_image_folder, tiny_config
 
 from sfbd_jax.config_checks import validate_config
 from sfbd_jax.data.prepared import PreparedDataset
@@ -24,13 +23,7 @@ MU, S = 0.1, 0.5  # the Gaussian data model whose exact denoiser the flow test p
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """21 smooth 8×8 grey images: 8 clean + 13 noisy (a prime)."""
-    folder = tmp_path_factory.mktemp("online_imgs")
-    rng = np.random.default_rng(1)
-    for i in range(21):
-        coarse = rng.uniform(0, 255, (2, 2))
-        Image.fromarray(np.kron(coarse, np.ones((4, 4))).astype(np.uint8)).save(
-            folder / f"{i:02d}.png")
-    return str(folder)
+    return make_image_folder(tmp_path_factory.mktemp("online_imgs"), 21, seed=1)
 
 
 def online_config(folder, **online):
@@ -147,16 +140,8 @@ def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder,
     straight = run(online_config(image_folder), str(tmp_path / "straight"))
     assert int(straight.step) == 4 + 6
     workdir = str(tmp_path / "killed")
-    real_save, real_refresh = checkpoints.Checkpointer.save, online.OnlineSFBDRun._refresh
-    real_write = jsonfile.write_json
-
-    def kill_after_save(at_step):
-        def save(self, step, state, force=True):
-            real_save(self, step, state, force)
-            if step == at_step and "checkpoints" in self.directory:
-                self.wait()
-                raise KeyboardInterrupt(f"killed after checkpoint {step}")
-        return save
+    real_refresh, real_write = online.OnlineSFBDRun._refresh, jsonfile.write_json
+    kill_after_save = kill_after_checkpoint
 
     def kill_in_refresh(j_kill):
         def write_json(path, value):  # the refresh's images are written, its record not yet

@@ -6,8 +6,13 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import flip_bytes, largest_data_file, tiny_config
-from PIL import Image
+from conftest import (
+    flip_bytes,
+    kill_after_checkpoint,
+    largest_data_file,
+    make_image_folder,
+    tiny_config,
+)
 
 from sfbd_jax.data import shards
 from sfbd_jax.run import run
@@ -17,13 +22,7 @@ from sfbd_jax.utils import checkpoints
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """40 smooth 8×8 grey images."""
-    folder = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        coarse = rng.uniform(0, 255, (2, 2))
-        img = np.kron(coarse, np.ones((4, 4))).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i:02d}.png")
-    return str(folder)
+    return make_image_folder(tmp_path_factory.mktemp("imgs"), 40, seed=0)
 
 
 def sfbd_config(folder):
@@ -67,15 +66,8 @@ def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, mo
     # Kill the same run three times: mid-pretraining (after the step-2 checkpoint), in round
     # 1's denoising (after its first shard), and mid round-2 fine-tuning (after step 10).
     workdir = str(tmp_path / "killed")
-    real_save, real_write = checkpoints.Checkpointer.save, shards.write_shard
-
-    def kill_after_save(at_step):
-        def save(self, step, state, force=True):
-            real_save(self, step, state, force)
-            if step == at_step and "checkpoints" in self.directory:
-                self.wait()
-                raise KeyboardInterrupt(f"killed after checkpoint {step}")
-        return save
+    real_write = shards.write_shard
+    kill_after_save = kill_after_checkpoint
 
     def kill_after_shard(directory, relative, array):
         entry = real_write(directory, relative, array)

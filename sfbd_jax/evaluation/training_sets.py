@@ -1,8 +1,8 @@
 """EVALUATION ONLY: the clean images a run's model was trained on, for the memorisation metric.
 
-Each mode knows its own: ``mode=sfbd`` and ``mode=ambient`` the clean subset of the prepared data
-set (the only clean images they see); ``mode=edm`` the clean data set of ``config.data`` (the
-oracle), with ``data.use_prepared`` the prepared clean group, and with
+Each mode knows its own: ``mode=sfbd``, ``online_sfbd`` and ``ambient`` the clean subset of the
+prepared data set (the only clean images they see); ``mode=edm`` the clean data set of
+``config.data`` (the oracle), with ``data.use_prepared`` the prepared clean group, and with
 ``data.prepared_group='noisy'`` the clean originals of the corrupted images it trained on
 (read from ``eval_only/``, which training code never reads) together with the clean group.
 """
