@@ -3,6 +3,8 @@ and online SFBD beside it at equal compute (training steps + denoising evaluatio
 
     python benchmarks/gmm_convergence.py --variant 2d --out runs/gmm2d
     python benchmarks/gmm_convergence.py --variant 16d --out runs/gmm16d
+    python benchmarks/gmm_convergence.py --out runs/gmm_online \
+        --table runs/gmm_online/seed*/gmm_2d.json          # mean ± 95% interval over seeds
 
 The settings live in configs/gmm_convergence.py. Data are vectors stored as (N, 1, 1, D)
 "images", so the package's EDM loss, preconditioning and Heun sampler run unchanged with a
@@ -291,6 +293,32 @@ def plot(result, scatter, cfg, out, variant) -> None:
     plt.close(fig)
 
 
+def seeds_table(results: list[dict]) -> str:
+    """Markdown: SFBD round k beside online SFBD at round k's compute, mean ± 95% interval
+    over the runs (seeds) in ``results``, and the paired difference online − SFBD."""
+    import tables
+
+    columns = (("swd", "sliced W₁ ↓", 4), ("frechet", "Fréchet ↓", 4),
+               ("mean_log_density", "mean log p_data ↑", 3))
+    lines = ["| compute | method | " + " | ".join(h for _, h, _ in columns)
+             + " | online − SFBD, sliced W₁ (paired) | seeds |",
+             "|---|---|" + "---|" * len(columns) + "---|---|"]
+    rounds = sorted({r["round"] for res in results for r in res["rows"] if "round" in r})
+    seeds = ",".join(str(res["config"]["seed"]) for res in results)
+    for k in rounds:
+        sf = [next(r for r in res["rows"] if r.get("round") == k) for res in results]
+        on = [next((r for r in res["rows"] if r.get("online_round") == k), None)
+              for res in results]
+        label = "pretrained" if k == 0 else f"round {k}"
+        lines.append(f"| {label} | SFBD | " + " | ".join(tables.cells(sf, columns))
+                     + f" | | {seeds} |")
+        if k and all(on):
+            diff = tables.fmt([o["swd"] - s["swd"] for o, s in zip(on, sf, strict=True)], 4)
+            lines.append(f"| {label} | online SFBD | " + " | ".join(tables.cells(on, columns))
+                         + f" | {diff} | {seeds} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from configs import gmm_convergence
 
@@ -298,7 +326,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", default="2d", help="'2d', '16d' or 'smoke'")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="tabulate finished runs (OUT/gmm_<variant>.json of several seeds) "
+                             "instead of running")
     args = parser.parse_args(argv)
+    if args.table:
+        results = []
+        for path in args.table:
+            with open(path) as f:
+                results.append(json.load(f))
+        text = seeds_table(results)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"gmm_{args.variant}_seeds.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return {"table": text}
     cfg = gmm_convergence.get_config(args.variant)
     cfg.seed = args.seed
     return run(cfg, args.out, args.variant)

@@ -122,6 +122,13 @@ def test_gmm_convergence_smoke(tmp_path):
     assert np.isfinite(online[0]["swd"]) and np.isfinite(online[0]["buffer_mse"])
     for name in ("gmm_smoke.json", "gmm_smoke_distances.png", "gmm_smoke_scatter.png"):
         assert os.path.exists(tmp_path / name)
+    # The seeds table (here the same run twice: a zero-width interval around the difference).
+    path = str(tmp_path / "gmm_smoke.json")
+    text = gmm_convergence.main(["--variant", "smoke", "--out", str(tmp_path),
+                                 "--table", path, path])["table"]
+    diff = online[0]["swd"] - rounds[1]["swd"]
+    assert f"| round 1 | online SFBD | {online[0]['swd']:.4f} ± 0.0000" in text
+    assert f"| {diff:.4f} ± 0.0000 | 0,0 |" in text
 
 
 def test_gmm_log_density_is_exact():
