@@ -295,14 +295,14 @@ def plot(result, scatter, cfg, out, variant) -> None:
 
 def seeds_table(results: list[dict]) -> str:
     """Markdown: SFBD round k beside online SFBD at round k's compute, mean ± 95% interval
-    over the runs (seeds) in ``results``, and the paired difference online − SFBD."""
+    over the runs (seeds) in ``results``, and the paired differences online − SFBD."""
     import tables
 
     columns = (("swd", "sliced W₁ ↓", 4), ("frechet", "Fréchet ↓", 4),
                ("mean_log_density", "mean log p_data ↑", 3))
     lines = ["| compute | method | " + " | ".join(h for _, h, _ in columns)
-             + " | online − SFBD, sliced W₁ (paired) | seeds |",
-             "|---|---|" + "---|" * len(columns) + "---|---|"]
+             + " | online − SFBD: sliced W₁ | online − SFBD: mean log p_data | seeds |",
+             "|---|---|" + "---|" * len(columns) + "---|---|---|"]
     rounds = sorted({r["round"] for res in results for r in res["rows"] if "round" in r})
     seeds = ",".join(str(res["config"]["seed"]) for res in results)
     for k in rounds:
@@ -311,11 +311,12 @@ def seeds_table(results: list[dict]) -> str:
               for res in results]
         label = "pretrained" if k == 0 else f"round {k}"
         lines.append(f"| {label} | SFBD | " + " | ".join(tables.cells(sf, columns))
-                     + f" | | {seeds} |")
+                     + f" | | | {seeds} |")
         if k and all(on):
-            diff = tables.fmt([o["swd"] - s["swd"] for o, s in zip(on, sf, strict=True)], 4)
+            diffs = [tables.fmt([o[key] - s[key] for o, s in zip(on, sf, strict=True)], digits)
+                     for key, digits in (("swd", 4), ("mean_log_density", 3))]
             lines.append(f"| {label} | online SFBD | " + " | ".join(tables.cells(on, columns))
-                         + f" | {diff} | {seeds} |")
+                         + f" | {diffs[0]} | {diffs[1]} | {seeds} |")
     return "\n".join(lines)
 
 

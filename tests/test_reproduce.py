@@ -128,7 +128,7 @@ def test_gmm_convergence_smoke(tmp_path):
                                  "--table", path, path])["table"]
     diff = online[0]["swd"] - rounds[1]["swd"]
     assert f"| round 1 | online SFBD | {online[0]['swd']:.4f} ± 0.0000" in text
-    assert f"| {diff:.4f} ± 0.0000 | 0,0 |" in text
+    assert f"| {diff:.4f} ± 0.0000 | " in text
 
 
 def test_gmm_log_density_is_exact():
