@@ -252,6 +252,10 @@ def check_online(config) -> None:
     if o.denoise_with not in ("ema", "params"):
         raise ValueError(f"config.online.denoise_with must be 'ema' or 'params', got "
                          f"{o.denoise_with!r}")
+    if o.eval_every_steps < 0 or o.eval_every_steps % t.steps_per_dispatch:
+        raise ValueError(f"config.online.eval_every_steps={o.eval_every_steps} must be 0 or a "
+                         "positive multiple of config.train.steps_per_dispatch="
+                         f"{t.steps_per_dispatch}")
     if o.refresh_count < 1:
         raise ValueError(f"config.online.refresh_count must be >= 1, got {o.refresh_count}")
     noisy = noisy_count(config)

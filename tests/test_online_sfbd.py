@@ -196,6 +196,8 @@ def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder,
     ({"ramp_start": 5, "ramp_end": 4}, "ramp_end"),
     ({"refresh_every_steps": 0}, "refresh_every_steps"),
     ({"clean_share": 1.0}, "clean_share"),
+    ({"eval_every_steps": -2}, "eval_every_steps"),
+    ({"denoise_with": "live"}, "denoise_with"),
 ])
 def test_bad_online_settings_are_refused_before_training(image_folder, change, message):
     with pytest.raises(ValueError, match=message):

@@ -356,7 +356,7 @@ class OnlineSFBDRun:
             self._refresh(u // oc.refresh_every_steps, state)
             if jax.process_index() == 0:
                 self._prune()
-        if tc.log_every_steps and u % tc.log_every_steps == 0:
+        if tc.log_every_steps and u % tc.log_every_steps < tc.steps_per_dispatch:
             made = u // oc.refresh_every_steps + 1
             self.writer.write_scalars(step, {f"online/{k}": v
                                              for k, v in self.diagnostics(step, made).items()})
