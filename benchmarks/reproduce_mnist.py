@@ -79,9 +79,9 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
         c.online.train_images = c.sfbd.rounds * c.sfbd.images_per_round
         c.online.refresh_every_steps = steps_per_round // 2
         c.online.eval_every_steps = steps_per_round
-        noisy = 5000 - c.corrupt.clean_count if not c.data.subset else (
-            c.data.subset - c.corrupt.clean_count)
-        c.online.refresh_count = -(-noisy // 2)  # 2 refreshes ≈ one backward pass
+        from sfbd_jax.config_checks import noisy_count
+
+        c.online.refresh_count = -(-noisy_count(c) // 2)  # 2 refreshes ≈ one backward pass
         c.online.ramp_start, c.online.ramp_end = 0, steps_per_round
     elif row == "tweediediff":
         c.mode = "ambient"

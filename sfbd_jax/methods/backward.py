@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from sfbd_jax.data import shards
+from sfbd_jax.diffusion import sampler as sampler_lib
 from sfbd_jax.utils import devices, jsonfile
 
 PROGRESS = "progress.json"
@@ -41,6 +42,19 @@ def check_complete(entries: list[dict], num_rows: int) -> None:
         position += e["rows"]
     if position != num_rows:
         raise CountCheckError(f"denoised set holds {position} images, the noisy set {num_rows}")
+
+
+def make_backward_sampler(denoise, mesh, config, sigma_zeta: float) -> tuple[SampleFn, object]:
+    """(the sharded sampler of SFBD's backward step, its σ grid): the Karras grid of
+    ``config.sfbd.backward_num_steps`` levels truncated below σ_ζ (``sigmas_from_level``), with
+    ``config.sfbd.backward_churn`` and the sampler's churn window (``config.sampler``)."""
+    cfg, sc = config.sfbd, config.sampler
+    sigmas = sampler_lib.sigmas_from_level(sigma_zeta, cfg.backward_num_steps, sc.sigma_min,
+                                           sc.sigma_max, sc.rho)
+    sample = sampler_lib.make_sharded_sampler(denoise, mesh, sigmas, s_churn=cfg.backward_churn,
+                                              s_tmin=sc.s_tmin, s_tmax=sc.s_tmax,
+                                              s_noise=sc.s_noise)
+    return sample, sigmas
 
 
 def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, batch_size: int,

@@ -223,13 +223,10 @@ class OnlineSFBDRun:
 
     # ----- refreshes --------------------------------------------------------------------
     def _make_sampler(self):
-        cfg, sc = self.config.sfbd, self.config.sampler
-        sigmas = sampler_lib.sigmas_from_level(self.sigma_zeta, cfg.backward_num_steps,
-                                               sc.sigma_min, sc.sigma_max, sc.rho)
+        sample, sigmas = backward.make_backward_sampler(
+            self.experiment.denoise, self.experiment.mesh, self.config, self.sigma_zeta)
         self.evaluations_per_image = sampler_lib.num_evaluations(sigmas)
-        return sampler_lib.make_sharded_sampler(
-            self.experiment.denoise, self.experiment.mesh, sigmas, s_churn=cfg.backward_churn,
-            s_tmin=sc.s_tmin, s_tmax=sc.s_tmax, s_noise=sc.s_noise)
+        return sample
 
     def _settings(self) -> dict:
         c = self.config
@@ -260,8 +257,8 @@ class OnlineSFBDRun:
         return os.path.join(self.refresh_dir, f"refresh_{j:08d}")
 
     def _refresh(self, j: int, state: TrainState) -> None:
-        """Refresh j: denoise its rows with the EMA parameters of ``state``; write the file,
-        then its record; update the buffer."""
+        """Refresh j: denoise its rows with ``state``'s EMA (or live, ``online.denoise_with``)
+        parameters; write the file, then its record; update the buffer."""
         start = time.perf_counter()
         oc = self.config.online
         rows = refresh_rows(self.order, j, oc.refresh_count)
@@ -270,11 +267,10 @@ class OnlineSFBDRun:
         n_dev = self.experiment.mesh.devices.size
         batch = min(self.config.sfbd.denoise_batch_size, -(-oc.refresh_count // n_dev) * n_dev)
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), _REFRESH_STREAM + j)
-        labels = None if self.noisy_labels is None else self.noisy_labels
         params = state.ema_params if oc.denoise_with == "ema" else state.params
         denoised = backward.denoise_rows(self._sample, params, self.noisy.images, rows,
                                          mesh=self.experiment.mesh, batch_size=batch, key=key,
-                                         labels=labels)
+                                         labels=self.noisy_labels)
         bad = shards.nonfinite_rows(denoised)
         if bad.size:
             raise FloatingPointError(
@@ -301,14 +297,20 @@ class OnlineSFBDRun:
         self.union[self.num_clean + rows] = np.clip(denoised, -1.0, 1.0)
         self.last_refresh_step[rows] = step
 
-    def _rebuild_buffer(self, step: int) -> None:
-        """The buffer as it was before training step ``step``: refresh files made before it
-        (the last ⌈N/c⌉ suffice), verified; later ones are removed (they are redone)."""
+    def _needed_refreshes(self, step: int) -> range:
+        """Refreshes the buffer as it was before training step ``step`` is made of: those made
+        before it, of which the last ⌈N/c⌉ (one cycle) cover every entry."""
         oc = self.config.online
         made = refreshes_before(step - self.pretrain_steps, oc.refresh_every_steps)
-        cycle = math.ceil(len(self.noisy) / oc.refresh_count)
+        return range(max(0, made - math.ceil(len(self.noisy) / oc.refresh_count)), made)
+
+    def _rebuild_buffer(self, step: int) -> None:
+        """The buffer as it was before training step ``step``: its refresh files, verified;
+        later ones are removed (they are redone)."""
+        oc = self.config.online
+        needed = self._needed_refreshes(step)
         devices.sync_processes(f"online-rebuild:{step}")
-        for j in range(max(0, made - cycle), made):
+        for j in needed:
             path = self._path(j)
             record = jsonfile.read_json(path + ".json", None)
             if record is None:
@@ -320,12 +322,12 @@ class OnlineSFBDRun:
             shards.verify_shard(self.refresh_dir, entry)
             self._apply(j, refresh_rows(self.order, j, oc.refresh_count),
                         np.load(path + ".npy"), record["step"])
-        if made:
+        if needed:
             logging.info("Online SFBD: buffer rebuilt from refreshes %d..%d (step %d).",
-                         max(0, made - cycle), made - 1, step)
+                         needed.start, needed.stop - 1, step)
         devices.sync_processes(f"online-rebuilt:{step}")
         if jax.process_index() == 0:
-            self._remove_refreshes(lambda j: j >= made)
+            self._remove_refreshes(lambda j: j >= needed.stop)
 
     def _remove_refreshes(self, which) -> None:
         if not os.path.isdir(self.refresh_dir):
@@ -342,12 +344,9 @@ class OnlineSFBDRun:
     def _prune(self) -> None:
         """Delete refresh files that no retained checkpoint can need."""
         steps = [s for s in self.ckpt.all_steps() if s >= self.pretrain_steps]
-        if not steps:
-            return
-        oc = self.config.online
-        made = refreshes_before(min(steps) - self.pretrain_steps, oc.refresh_every_steps)
-        keep_from = made - math.ceil(len(self.noisy) / oc.refresh_count)
-        self._remove_refreshes(lambda j: j < keep_from)
+        if steps:
+            keep_from = self._needed_refreshes(min(steps)).start
+            self._remove_refreshes(lambda j: j < keep_from)
 
     def _before_dispatch(self, step: int, state: TrainState) -> None:
         oc, tc = self.config.online, self.config.train

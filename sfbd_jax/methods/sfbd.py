@@ -31,7 +31,6 @@ from sfbd_jax.data import pipeline, shards
 from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
-from sfbd_jax.diffusion import sampler as sampler_lib
 from sfbd_jax.evaluation import denoising, training_sets
 from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.methods import backward
@@ -174,14 +173,11 @@ class SFBDRun:
                   sigma_zeta: float) -> np.ndarray:
         """D^(k): every noisy image denoised from σ_ζ with the EMA of the state that ended
         round k−1 (restored from rounds/<k−1> when the run resumes mid-forward)."""
-        cfg, sc = self.config.sfbd, self.config.sampler
+        cfg = self.config.sfbd
         if int(state.step) != self.end_step(k - 1):
             state = self.rounds_ckpt.restore(k - 1, self.experiment.abstract_state())
-        sigmas = sampler_lib.sigmas_from_level(sigma_zeta, cfg.backward_num_steps,
-                                               sc.sigma_min, sc.sigma_max, sc.rho)
-        sample = sampler_lib.make_sharded_sampler(
-            self.experiment.denoise, self.experiment.mesh, sigmas, s_churn=cfg.backward_churn,
-            s_tmin=sc.s_tmin, s_tmax=sc.s_tmax, s_noise=sc.s_noise)
+        sample, _ = backward.make_backward_sampler(self.experiment.denoise,
+                                                   self.experiment.mesh, self.config, sigma_zeta)
         settings = {"round": k, "sigma_zeta": sigma_zeta,
                     "num_steps": cfg.backward_num_steps, "churn": cfg.backward_churn,
                     "batch_size": cfg.denoise_batch_size, "seed": self.config.seed,
