@@ -283,6 +283,8 @@ def plot_samples(results: list[dict], path: str) -> None:
                      else f"SFBD σ={r['sigma']} round {r['round']}")
         if os.path.exists(png) and label not in [p[0] for p in panels]:
             panels.append((label, np.asarray(Image.open(png))))
+    if not panels:  # e.g. only online SFBD rows were asked for: no grid of samples to show
+        return
     cols = 4
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
