@@ -9,7 +9,10 @@ the reference's ``training/loss.py`` and Adam, and times what the driver asks: `
 ``train`` (steps), ``sample`` (Heun probability-flow ODE on the Karras grid, no churn),
 ``memory``. Eager PyTorch, ``--threads`` intra-op threads, on ``--device`` (cpu or cuda; on
 cuda with cuDNN's autotuner on, as EDM's ``--bench`` default) at ``--precision``: f32 (TF32 off,
-the reference training loop's setting), tf32 (TF32 on) or bf16 (autocast to bfloat16).
+the reference training loop's setting), tf32 (TF32 on) or bf16 (the SongUNet inside
+EDMPrecond run under autocast to bfloat16, its output cast back to float32 — EDMPrecond
+asserts a float32 output unless its own fp16 switch is on — as sfbd_jax's bf16 compute: the
+preconditioning, loss and optimiser stay float32).
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ def main() -> None:
     parser.add_argument("--precision", choices=("f32", "tf32", "bf16"), default="f32")
     args = parser.parse_args()
     sys.path.insert(0, args.reference)
-    import contextlib
-
     import numpy as np
     import torch
 
@@ -41,8 +42,6 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = args.precision != "f32"
         torch.backends.cuda.matmul.allow_tf32 = args.precision != "f32"
-    autocast = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if (
-        args.precision == "bf16") else contextlib.nullcontext
     where = torch.cuda.get_device_name(device) if args.device == "cuda" else "cpu"
     from training import networks  # the reference's code
     from training.loss import EDMLoss
@@ -57,13 +56,15 @@ def main() -> None:
                 img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet",
                 embedding_type="positional", encoder_type="standard", decoder_type="standard",
                 channel_mult_noise=1, resample_filter=[1, 1], **msg["network"]).to(device)
+            if args.precision == "bf16":
+                _compute_in_bf16(net.model, args.device)
             net.train()
             opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
             loss_fn = EDMLoss()
             rng = np.random.default_rng(0)
             images = [torch.from_numpy(rng.uniform(-1, 1, (msg["batch"], 3, 32, 32))
                                        .astype(np.float32)).to(device) for _ in range(4)]
-            _train_step(net, opt, loss_fn, images[0], autocast)
+            _train_step(net, opt, loss_fn, images[0])
             reply = {"params": int(sum(p.numel() for p in net.parameters())),
                      "setup_seconds": time.perf_counter() - t0,
                      "versions": f"torch {torch.__version__}, {args.threads} threads, {where}"}
@@ -72,19 +73,18 @@ def main() -> None:
             for _ in range(msg["steps"]):
                 step_index += 1
                 t = time.perf_counter()
-                loss = _train_step(net, opt, loss_fn, images[step_index % 4], autocast)
+                loss = _train_step(net, opt, loss_fn, images[step_index % 4])
                 times.append(time.perf_counter() - t)
             reply = {"seconds": times, "loss": loss}
         elif msg["cmd"] == "sample":
             net.eval()
             gen = torch.Generator().manual_seed(1)
             x = torch.randn((msg["n"], 3, 32, 32), generator=gen).to(device)
-            with autocast():
-                _heun(net, x, msg["levels"])  # warm-up, as on the JAX side
-                _sync(device)
-                t = time.perf_counter()
-                _heun(net, x, msg["levels"])
-                _sync(device)
+            _heun(net, x, msg["levels"])  # warm-up, as on the JAX side
+            _sync(device)
+            t = time.perf_counter()
+            _heun(net, x, msg["levels"])
+            _sync(device)
             reply = {"seconds": time.perf_counter() - t}
             net.train()
         elif msg["cmd"] == "memory":
@@ -99,12 +99,24 @@ def main() -> None:
         print(json.dumps(reply), flush=True)
 
 
-def _train_step(net, opt, loss_fn, images, autocast) -> float:
+def _compute_in_bf16(model, device: str) -> None:
+    """Run ``model`` (the SongUNet inside EDMPrecond) under bf16 autocast, returning float32."""
+    import torch
+
+    forward = model.forward
+
+    def bf16_forward(*args, **kwargs):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return forward(*args, **kwargs).float()
+
+    model.forward = bf16_forward
+
+
+def _train_step(net, opt, loss_fn, images) -> float:
     """One Adam step on EDM's loss; ``loss.item()`` waits for the device, as the JAX side's
     ``block_until_ready``."""
     opt.zero_grad(set_to_none=True)
-    with autocast():
-        loss = loss_fn(net=net, images=images).mean()
+    loss = loss_fn(net=net, images=images).mean()
     loss.backward()
     opt.step()
     return loss.item()

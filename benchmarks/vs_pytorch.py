@@ -126,6 +126,11 @@ def _peak_memory() -> tuple[str, int]:
     return "host", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _progress(t0: float, what: str) -> None:
+    """A worker's stage and its seconds since start, on stderr (kept with --worker_logs)."""
+    print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def _jax_worker(num_devices: int, device: str, network: str, precision: str) -> None:
     t0 = time.perf_counter()
     from sfbd_jax.utils import devices
@@ -148,11 +153,14 @@ def _jax_worker(num_devices: int, device: str, network: str, precision: str) -> 
                                                       network=network,
                                                       compute_dtype=compute_dtype)
             params = sum(x.size for x in jax.tree.leaves(state.params))
+            _progress(t0, "network built and initialised")
             step = exp.train_step.lower(state, batches.get(0)).compile()
+            _progress(t0, "train step compiled")
             cost = step.cost_analysis()
             cost = cost[0] if isinstance(cost, list) else cost
             state, metrics = step(state, batches.get(0))
             jax.block_until_ready(metrics["loss"])
+            _progress(t0, "first step done")
             reply = {"params": int(params), "setup_seconds": time.perf_counter() - t0,
                      # XLA counts one partition of the SPMD program: scale to the mesh.
                      "step_flops": float((cost or {}).get("flops", float("nan")))
@@ -178,6 +186,7 @@ def _jax_worker(num_devices: int, device: str, network: str, precision: str) -> 
             x = jax.device_put(x, devices.batch_sharding(exp.mesh))
             out = sample(state.ema_params, x, None, jax.random.PRNGKey(2))  # compiles
             jax.block_until_ready(out)
+            _progress(t0, "sampler compiled")
             t = time.perf_counter()
             jax.block_until_ready(sample(state.ema_params, x, None, jax.random.PRNGKey(3)))
             reply = {"seconds": time.perf_counter() - t}
