@@ -25,7 +25,10 @@ D^(k) against the originals; mean ± 95% interval over seeds.
 precision (config.model.compute_dtype; use a new --out) to measure its effect on quality.
 Every run resumes where it stopped; re-running the command only redoes what is missing, and
 ``--finished_only`` tabulates the rows finished so far without training anything (a table built
-across sessions).
+across sessions). ``--archive DIR`` copies every finished row's result (its
+``reproduce_row.json``, a few kB; no checkpoints or images) into DIR in the same layout, so the
+table can be rebuilt from a committed folder on a machine that no longer has the runs:
+``--out DIR --finished_only`` (the figures that need a run's files are then left out).
 Writes OUT/results.json, OUT/table.md and the figures OUT/*.png.
 """
 
@@ -313,6 +316,9 @@ def plot_triptych(results: list[dict], sigma: float, path: str, count: int = 8) 
     seed = min(r["seed"] for r in sf)
     workdir = next(r["workdir"] for r in sf if r["seed"] == seed)
     data_dir = os.path.join(os.path.dirname(workdir), "data")
+    if not os.path.isdir(os.path.join(workdir, "denoised")):  # rows read back from an archive
+        logging.info("No triptych for σ_ζ = %s: %s has no denoised sets.", sigma, workdir)
+        return
     originals = eval_only.load_clean_originals(data_dir)
     pick = np.linspace(0, len(originals) - 1, count).astype(int)
     columns = [("clean", originals[pick]),
@@ -361,6 +367,23 @@ def report(results: list[dict], out: str) -> str:
     return text
 
 
+def archive(plan: list[tuple[int, str]], rows: tuple[str, ...], out: str, dest: str) -> int:
+    """Copy the finished rows' results of ``plan`` × ``rows`` from ``out`` into ``dest`` (same
+    layout); returns how many were copied."""
+    import shutil
+
+    copied = 0
+    for seed, variant in plan:
+        for row in rows:
+            source = os.path.join(row_workdir(out, seed, variant, row), "reproduce_row.json")
+            if os.path.exists(source):
+                target = os.path.join(row_workdir(dest, seed, variant, row), "reproduce_row.json")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(source, target)
+                copied += 1
+    return copied
+
+
 def parse_plan(spec: str) -> list[tuple[int, str]]:
     plan = []
     for item in spec.split(","):
@@ -383,6 +406,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="config.model.compute_dtype of every row (use a new --out)")
     parser.add_argument("--finished_only", action="store_true",
                         help="tabulate the rows already finished; train nothing")
+    parser.add_argument("--archive", default="",
+                        help="copy the finished rows' results into this folder (to commit)")
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
@@ -393,6 +418,9 @@ def main(argv: list[str] | None = None) -> str:
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype,
                           args.finished_only), out)
+    if args.archive:
+        copied = archive(plan, rows, out, os.path.abspath(args.archive))
+        print(f"[reproduce] {copied} finished rows' results copied to {args.archive}")
     print(text)
     print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
     return text

@@ -67,6 +67,12 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     # Re-running finds every row done: nothing is trained again, the table is the same.
     assert reproduce_mnist.main(["--out", out, "--smoke"]) == text
     assert reproduce_mnist.main(["--out", out, "--smoke", "--finished_only"]) == text
+    # The finished rows' results alone (what is committed) rebuild the same table.
+    kept = os.path.join(out, "archived")
+    reproduce_mnist.main(["--out", out, "--smoke", "--finished_only", "--archive", kept])
+    assert not any(name.endswith((".npy", ".png")) or name == "checkpoints"
+                   for _, dirs, files in os.walk(kept) for name in dirs + files)
+    assert reproduce_mnist.main(["--out", kept, "--smoke", "--finished_only"]) == text
 
 
 def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
