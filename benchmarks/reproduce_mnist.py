@@ -216,6 +216,37 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PAIRED_COLUMNS = (("classifier_fd", "classifier FD", 2), ("swd", "sliced W₁", 4),
+                  ("precision", "precision", 3), ("recall", "recall", 3),
+                  ("memorised_fraction_train_pixel", "memorised: train set, px", 3),
+                  ("psnr", "PSNR (buffer − D^(k), dB)", 2))
+
+
+def paired_table(results: list[dict]) -> str:
+    """Markdown: online SFBD − SFBD at each round's compute, paired by seed (mean ± 95%
+    interval of the per-seed differences); empty when no seed has both rows."""
+    lines = []
+    for sigma in sorted({r["sigma"] for r in results if r["row"] == "online_sfbd"}):
+        online, sfbd = ({(r["seed"], r["round"]): r for r in results
+                         if r["row"] == row and r["sigma"] == sigma}
+                        for row in ("online_sfbd", "sfbd"))
+        for k in sorted({k for _, k in online if k}):
+            seeds = sorted(s for s, kk in online if kk == k and (s, k) in sfbd)
+            if not seeds:
+                continue
+            diffs = [{key: online[s, k][key] - sfbd[s, k][key] for key, _, _ in PAIRED_COLUMNS
+                      if online[s, k].get(key) is not None
+                      and sfbd[s, k].get(key) is not None} for s in seeds]
+            lines.append(f"| {sigma} | round {k}'s compute | "
+                         + " | ".join(tables.cells(diffs, PAIRED_COLUMNS))
+                         + f" | {','.join(map(str, seeds))} |")
+    if not lines:
+        return ""
+    return "\n".join(["| σ_ζ | online SFBD − SFBD at | " + " | ".join(
+        h for _, h, _ in PAIRED_COLUMNS) + " | seeds |",
+        "|---|---|" + "---|" * len(PAIRED_COLUMNS) + "---|"] + lines)
+
+
 def plot_metrics(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -356,6 +387,9 @@ def report(results: list[dict], out: str) -> str:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = table(results)
+    paired = paired_table(results)
+    if paired:
+        text += "\n\n" + paired
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
     if any(r["sigma"] is not None for r in results):  # rows that depend on σ_ζ

@@ -58,7 +58,8 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
         assert r["round"] == 0 or np.isfinite(r["psnr"])
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
                   "(3) EDM on the noisy set", "(4) SFBD round 2",
-                  "(4b) online SFBD at round 2's compute", "(5) TweedieDiff"):
+                  "(4b) online SFBD at round 2's compute", "(5) TweedieDiff",
+                  "| 0.2 | round 2's compute |"):
         assert label in text
     for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
                  "mnist_triptych_sigma0.2.png"):
