@@ -31,7 +31,7 @@ flags.DEFINE_integer("sample_batch", 0, "Sampler batch (0: the training batch)."
 flags.DEFINE_integer("num_devices", 0, "Mesh size (0: all devices).")
 
 
-def _time(fn, repeats: int) -> float:
+def seconds_per_call(fn, repeats: int) -> float:
     """Seconds per call after one warm-up call."""
     jax.block_until_ready(fn())
     t = time.perf_counter()
@@ -49,7 +49,7 @@ def matmul_peak_flops(mesh, n: int = 2048) -> float:
     k = mesh.devices.size
     a = jax.device_put(jnp.ones((k, n, n), jnp.float32), devices.batch_sharding(mesh))
     f = jax.jit(lambda a: a @ a)
-    return 2 * k * n**3 / _time(lambda: f(a), 5)
+    return 2 * k * n**3 / seconds_per_call(lambda: f(a), 5)
 
 
 def peak_memory_bytes() -> tuple[str, float]:
@@ -97,7 +97,7 @@ def main(argv):
         holder["state"], metrics = exp.train_step(holder["state"], batch)
         return metrics
 
-    sec = _time(one_dispatch, FLAGS.steps)
+    sec = seconds_per_call(one_dispatch, FLAGS.steps)
     imgs = config.train.batch_size * config.train.steps_per_dispatch
     rows.append(("train images/s", f"{imgs / sec:.1f}"))
     peak = matmul_peak_flops(mesh)
@@ -116,12 +116,12 @@ def main(argv):
     t = time.perf_counter()
     sample.lower(params, x, None, key).compile()
     rows.append(("sampler compile", f"{time.perf_counter() - t:.1f} s"))
-    sec_sample = _time(lambda: sample(params, x, None, key), 2)
+    sec_sample = seconds_per_call(lambda: sample(params, x, None, key), 2)
     rows.append(("sampler image-evaluations/s", f"{b * nfe / sec_sample:.1f} "
                  f"({nfe} evaluations per image, batch {b})"))
     bare = jax.jit(lambda p, x: exp.denoise(p, x, jnp.ones((x.shape[0],))),
                    in_shardings=(devices.replicated(mesh), devices.batch_sharding(mesh)))
-    sec_bare = _time(lambda: bare(params, x), 5)
+    sec_bare = seconds_per_call(lambda: bare(params, x), 5)
     rows.append(("sampler / bare evaluations", f"{sec_sample / (nfe * sec_bare):.3f}× the cost "
                  f"of {nfe} bare denoiser calls"))
     label, mem = peak_memory_bytes()

@@ -89,10 +89,10 @@ def main() -> None:
             net.train()
         elif msg["cmd"] == "memory":
             if args.device == "cuda":
-                reply = {"memory_kind": "device",
+                reply = {"memory_kind": "device 0 peak",
                          "peak_bytes": int(torch.cuda.max_memory_allocated(device))}
             else:
-                reply = {"memory_kind": "host",
+                reply = {"memory_kind": "host max RSS",
                          "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         else:
             return

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -97,33 +96,19 @@ def config_a_experiment(batch: int, num_devices: int, overrides: dict | None = N
 
 def _matmul_peaks(n: int = 8192, repeats: int = 10) -> dict:
     """Measured FLOP/s of an n×n×n matmul on device 0 for each row precision (the ceiling the
-    MFU figures are taken against)."""
+    MFU figures are taken against); explicit precisions, whatever the worker's default."""
     import jax
     import jax.numpy as jnp
+    from bench_core import seconds_per_call
 
     peaks = {}
-    for name, dtype, precision in (("bf16", jnp.bfloat16, None),
+    for name, dtype, precision in (("bf16", jnp.bfloat16, jax.lax.Precision.DEFAULT),
                                    ("tf32", jnp.float32, jax.lax.Precision.DEFAULT),
                                    ("f32", jnp.float32, jax.lax.Precision.HIGHEST)):
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
         f = jax.jit(lambda a, p=precision: jnp.matmul(a, a, precision=p))
-        jax.block_until_ready(f(a))
-        t = time.perf_counter()
-        for _ in range(repeats):
-            out = f(a)
-        jax.block_until_ready(out)
-        peaks[name] = 2 * n**3 * repeats / (time.perf_counter() - t)
+        peaks[name] = 2 * n**3 / seconds_per_call(lambda f=f, a=a: f(a), repeats)
     return peaks
-
-
-def _peak_memory() -> tuple[str, int]:
-    """(what, bytes): device 0's peak allocation on an accelerator, else the host's max RSS."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    if jax.default_backend() != "cpu" and "peak_bytes_in_use" in stats:
-        return "device", int(stats["peak_bytes_in_use"])
-    return "host", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _progress(t0: float, what: str) -> None:
@@ -191,8 +176,10 @@ def _jax_worker(num_devices: int, device: str, network: str, precision: str) -> 
             jax.block_until_ready(sample(state.ema_params, x, None, jax.random.PRNGKey(3)))
             reply = {"seconds": time.perf_counter() - t}
         elif msg["cmd"] == "memory":
-            kind, peak = _peak_memory()
-            reply = {"memory_kind": kind, "peak_bytes": peak}
+            from bench_core import peak_memory_bytes
+
+            kind, peak = peak_memory_bytes()
+            reply = {"memory_kind": kind, "peak_bytes": int(peak)}
         elif msg["cmd"] == "peaks":
             reply = {"peaks": _matmul_peaks()}
         else:
@@ -237,8 +224,10 @@ def _median(values: list[float]) -> float:
 def compare(args, batch: int, precision: str) -> dict:
     """One row: both workers set up at ``batch`` and ``precision``, timed side by side."""
     tag = f"{args.network}_b{batch}_{precision}"
-    log = (lambda side: os.path.join(args.out, f"{tag}_{side}.log")) if args.worker_logs else (
-        lambda side: None)
+
+    def log(side: str) -> str | None:
+        return os.path.join(args.out, f"{tag}_{side}.log") if args.worker_logs else None
+
     jax_side = Worker([sys.executable, os.path.abspath(__file__), "--worker", "jax",
                        "--num_devices", str(args.num_devices), "--device", args.device,
                        "--network", args.network, "--precisions", precision],
@@ -308,7 +297,7 @@ def table(rows: list[dict], load: str) -> str:
             f"| Heun sampler, 35 evaluations, {r['sample_batch']} images, {r['precision']} | "
             f"{j['sample_seconds']:.3g} s | {t['sample_seconds']:.3g} s | "
             f"{j['sample_seconds'] / t['sample_seconds']:.2f}× the time |",
-            f"| peak {j['memory_kind']} memory, {at} | {j['peak_bytes'] / 2**30:.2f} GiB | "
+            f"| peak memory ({j['memory_kind']}), {at} | {j['peak_bytes'] / 2**30:.2f} GiB | "
             f"{t['peak_bytes'] / 2**30:.2f} GiB | {j['peak_bytes'] / t['peak_bytes']:.2f}× |",
         ]
     return "\n".join(lines)
