@@ -67,6 +67,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.sfbd.images_per_round = 6_400  # forward fine-tuning per round.
     c.sfbd.backward_num_steps = 18  # Karras grid size before truncation below σ_ζ.
     c.sfbd.backward_churn = 0.0  # > 0: stochastic backward step.
+    # How the backward step reconstructs each noisy image y: 'ode' (SFBD: the probability-flow
+    # ODE from σ_ζ starting at y) or 'dps' (EMDiffusion's E-step, Bai et al. 2024: diffusion
+    # posterior sampling from σ_max, every ancestral step guided towards y through the
+    # denoiser's gradient).
+    c.sfbd.backward = "ode"
+    c.sfbd.dps_num_steps = 100  # Karras grid levels from σ_max; each: 1 evaluation + gradient.
+    # 'normalized': x −= ζ·∇‖y − D(x; σ)‖ (the DPS paper, the EMDiffusion code; ζ per step);
+    # 'likelihood': x −= ζ·(σ_i² − σ_{i+1}²)·∇‖y − D‖²/(2v), v = σ_ζ² (ζ = 1: Bayes' rule under
+    # DPS's Gaussian likelihood).
+    c.sfbd.dps_guidance = "normalized"
+    c.sfbd.dps_zeta = 1.0
+    # 'likelihood' only: add to v the variance of x₀ given x_σ under a Gaussian prior of std
+    # diffusion.sigma_data (exact for Gaussian data).
+    c.sfbd.dps_prior_variance = False
     c.sfbd.denoise_batch_size = 256  # global, split over devices.
     c.sfbd.denoise_shard_size = 2_048  # images per D^(k) shard (a multiple of the batch).
     c.sfbd.clean_repeat = 1  # clean images appear this often in D^(k) ∪ D_clean (1 = uniform).

@@ -225,6 +225,21 @@ def _check_backward(config) -> None:
                          f"config.train.batch_size images ({dispatch})")
     if cfg.backward_num_steps < 1 or cfg.denoise_batch_size <= 0:
         raise ValueError("config.sfbd.backward_num_steps and denoise_batch_size must be > 0")
+    if cfg.backward not in ("ode", "dps"):
+        raise ValueError(f"config.sfbd.backward must be 'ode' (SFBD) or 'dps' (EMDiffusion's "
+                         f"E-step), got {cfg.backward!r}")
+    if cfg.backward == "dps":
+        if cfg.dps_num_steps < 2:
+            raise ValueError(f"config.sfbd.dps_num_steps must be at least 2, got "
+                             f"{cfg.dps_num_steps}")
+        if cfg.dps_guidance not in ("normalized", "likelihood"):
+            raise ValueError(f"config.sfbd.dps_guidance must be 'normalized' or 'likelihood', "
+                             f"got {cfg.dps_guidance!r}")
+        if not cfg.dps_zeta >= 0:
+            raise ValueError(f"config.sfbd.dps_zeta must be ≥ 0, got {cfg.dps_zeta}")
+        if cfg.dps_prior_variance and cfg.dps_guidance != "likelihood":
+            raise ValueError("config.sfbd.dps_prior_variance applies to dps_guidance "
+                             "'likelihood' only")
 
 
 def noisy_count(config) -> int | None:

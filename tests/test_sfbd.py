@@ -15,6 +15,7 @@ from conftest import (
 )
 
 from sfbd_jax.data import shards
+from sfbd_jax.methods import backward
 from sfbd_jax.run import run
 from sfbd_jax.utils import checkpoints
 
@@ -114,3 +115,61 @@ def test_sfbd_refuses_other_corruptions(image_folder, tmp_path):
     c.corrupt.type = "gaussian_blur"
     with pytest.raises(ValueError, match="gaussian_noise"):
         run(c, str(tmp_path))
+
+
+def test_emdiffusion_e_step_runs_resumes_and_counts_its_cost(tmp_path, image_folder,
+                                                             monkeypatch):
+    # sfbd.backward = 'dps': the same rounds with EMDiffusion's E-step (a posterior sample of
+    # every noisy image from σ_max) in place of the ODE from σ_ζ.
+    def dps_config():
+        c = sfbd_config(image_folder)
+        c.sfbd.rounds = 1
+        c.sfbd.backward, c.sfbd.dps_num_steps, c.sfbd.dps_zeta = "dps", 6, 0.5
+        return c
+
+    workdir = str(tmp_path / "dps")
+    real_write = shards.write_shard
+
+    def kill_in_second_shard(directory, relative, array):  # the first one is recorded
+        entry = real_write(directory, relative, array)
+        if "round_1" in directory and relative.endswith("000000016.npy"):
+            raise KeyboardInterrupt("killed while sampling the posterior")
+        return entry
+
+    with monkeypatch.context() as m:
+        m.setattr(shards, "write_shard", kill_in_second_shard)
+        with pytest.raises(KeyboardInterrupt):
+            run(dps_config(), workdir)
+    first = os.path.join(workdir, "denoised", "round_1", "denoised-000000000.npy")
+    mtime = os.path.getmtime(first)
+    run(dps_config(), workdir)
+    assert os.path.getmtime(first) == mtime  # the finished shard was reused
+    summary = read_summary(workdir)
+    assert summary[1]["denoise_evaluations"] == summary[1]["denoise_gradients"] == 32 * 6
+    assert np.isfinite(summary[1]["denoised_psnr"])
+    with open(os.path.join(workdir, "denoised", "round_1", "progress.json")) as f:
+        settings = json.load(f)["settings"]
+    assert settings["backward"] == "dps" and settings["dps_zeta"] == 0.5
+
+    # An ODE pass's record has no DPS keys (records of older runs stay valid) and it
+    # differentiates nothing: 5 evaluations per image on the 8-level grid below σ_ζ = 0.2.
+    ode = sfbd_config(image_folder)
+    assert backward.backward_settings(ode) == {}
+    assert backward.cost_per_image(ode, 0.2) == (5, 0)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("backward", "langevin", "'ode' \\(SFBD\\) or 'dps'"),
+    ("dps_num_steps", 1, "dps_num_steps must be at least 2"),
+    ("dps_guidance", "exact", "dps_guidance must be"),
+    ("dps_zeta", -1.0, "dps_zeta must be ≥ 0"),
+    ("dps_prior_variance", True, "'likelihood' only"),
+])
+def test_bad_backward_keys_are_named(image_folder, key, value, message):
+    from sfbd_jax import config_checks
+
+    c = sfbd_config(image_folder)
+    c.sfbd.backward = "dps"
+    setattr(c.sfbd, key, value)
+    with pytest.raises(ValueError, match=message):
+        config_checks.validate_config(c)

@@ -1,4 +1,5 @@
-"""SFBD's backward step (METHODS.md §2a): denoise *every* noisy image from σ_ζ to 0.
+"""SFBD's backward step (METHODS.md §2a): denoise *every* noisy image from σ_ζ to 0 (or, with
+``sfbd.backward = 'dps'``, EMDiffusion's E-step: a posterior sample of every noisy image).
 
 The noisy set is cut into output shards of ``shard_size`` rows; each shard is denoised in global
 batches sharded over the mesh (the last partial batch is padded with copies of its last row and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -44,17 +46,69 @@ def check_complete(entries: list[dict], num_rows: int) -> None:
         raise CountCheckError(f"denoised set holds {position} images, the noisy set {num_rows}")
 
 
-def make_backward_sampler(denoise, mesh, config, sigma_zeta: float) -> tuple[SampleFn, object]:
-    """(the sharded sampler of SFBD's backward step, its σ grid): the Karras grid of
-    ``config.sfbd.backward_num_steps`` levels truncated below σ_ζ (``sigmas_from_level``), with
-    ``config.sfbd.backward_churn`` and the sampler's churn window (``config.sampler``)."""
+class BackwardSampler(NamedTuple):
+    """The backward step's sampler and what it costs per noisy image."""
+
+    sample: SampleFn  # sample(params, y, labels, key) -> reconstructions, batch-sharded
+    sigmas: np.ndarray  # its σ grid (decreasing, ending in 0)
+    evaluations_per_image: int  # denoiser evaluations
+    gradients_per_image: int  # of which also differentiated (DPS: every one)
+
+
+def backward_grid(config, sigma_zeta: float) -> np.ndarray:
+    """The σ grid of the backward step (decreasing, ending in 0), by ``config.sfbd.backward``:
+    'ode': the Karras grid of ``sfbd.backward_num_steps`` levels truncated below σ_ζ, starting
+    at σ_ζ (``sigmas_from_level``); 'dps': the Karras grid of ``sfbd.dps_num_steps`` levels
+    from σ_max."""
     cfg, sc = config.sfbd, config.sampler
-    sigmas = sampler_lib.sigmas_from_level(sigma_zeta, cfg.backward_num_steps, sc.sigma_min,
-                                           sc.sigma_max, sc.rho)
-    sample = sampler_lib.make_sharded_sampler(denoise, mesh, sigmas, s_churn=cfg.backward_churn,
-                                              s_tmin=sc.s_tmin, s_tmax=sc.s_tmax,
-                                              s_noise=sc.s_noise)
-    return sample, sigmas
+    if cfg.backward == "dps":
+        return sampler_lib.karras_sigmas(cfg.dps_num_steps, sc.sigma_min, sc.sigma_max, sc.rho)
+    if cfg.backward != "ode":
+        raise ValueError(f"config.sfbd.backward must be 'ode' or 'dps', got {cfg.backward!r}")
+    return sampler_lib.sigmas_from_level(sigma_zeta, cfg.backward_num_steps, sc.sigma_min,
+                                         sc.sigma_max, sc.rho)
+
+
+def cost_per_image(config, sigma_zeta: float) -> tuple[int, int]:
+    """(denoiser evaluations, of which differentiated) that the backward step spends on one
+    noisy image."""
+    sigmas = backward_grid(config, sigma_zeta)
+    if config.sfbd.backward == "dps":
+        n = sampler_lib.num_dps_evaluations(sigmas)
+        return n, n
+    return sampler_lib.num_evaluations(sigmas), 0
+
+
+def make_backward_sampler(denoise, mesh, config, sigma_zeta: float) -> BackwardSampler:
+    """The sharded sampler of the backward step on ``backward_grid``, by
+    ``config.sfbd.backward``: 'ode' (SFBD): the Heun sampler from y at σ_ζ, with
+    ``sfbd.backward_churn`` and the sampler's churn window (``config.sampler``); 'dps'
+    (EMDiffusion's E-step): diffusion posterior sampling guided by y (``sampler.dps_sample``
+    with ``sfbd.dps_*``)."""
+    cfg, sc = config.sfbd, config.sampler
+    sigmas = backward_grid(config, sigma_zeta)
+    if cfg.backward == "dps":
+        prior = config.diffusion.sigma_data if cfg.dps_prior_variance else 0.0
+        sample = sampler_lib.make_sharded_dps_sampler(
+            denoise, mesh, sigmas, cfg.dps_zeta, guidance=cfg.dps_guidance,
+            noise_sigma=sigma_zeta, prior_sigma=prior)
+    else:
+        sample = sampler_lib.make_sharded_sampler(
+            denoise, mesh, sigmas, s_churn=cfg.backward_churn, s_tmin=sc.s_tmin,
+            s_tmax=sc.s_tmax, s_noise=sc.s_noise)
+    return BackwardSampler(sample, sigmas, *cost_per_image(config, sigma_zeta))
+
+
+def backward_settings(config) -> dict:
+    """The keys of the backward step that a finished pass depends on (part of the record that
+    decides whether denoised shards or refreshes may be reused). The keys of the 'dps' step
+    appear only when it is chosen, so records of 'ode' passes keep their old form."""
+    cfg = config.sfbd
+    if cfg.backward == "ode":
+        return {}
+    return {"backward": cfg.backward, "dps_num_steps": cfg.dps_num_steps,
+            "dps_guidance": cfg.dps_guidance, "dps_zeta": cfg.dps_zeta,
+            "dps_prior_variance": cfg.dps_prior_variance}
 
 
 def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, batch_size: int,

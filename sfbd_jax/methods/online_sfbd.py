@@ -48,7 +48,6 @@ from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.eval_only import load_clean_originals
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
-from sfbd_jax.diffusion import sampler as sampler_lib
 from sfbd_jax.evaluation import denoising, training_sets
 from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.methods import backward
@@ -223,16 +222,18 @@ class OnlineSFBDRun:
 
     # ----- refreshes --------------------------------------------------------------------
     def _make_sampler(self):
-        sample, sigmas = backward.make_backward_sampler(
+        sampler = backward.make_backward_sampler(
             self.experiment.denoise, self.experiment.mesh, self.config, self.sigma_zeta)
-        self.evaluations_per_image = sampler_lib.num_evaluations(sigmas)
-        return sample
+        self.evaluations_per_image = sampler.evaluations_per_image
+        self.gradients_per_image = sampler.gradients_per_image
+        return sampler.sample
 
     def _settings(self) -> dict:
         c = self.config
         return {"seed": c.seed, "refresh_every_steps": c.online.refresh_every_steps,
                 "refresh_count": c.online.refresh_count, "pretrain_steps": self.pretrain_steps,
                 "num_noisy": len(self.noisy), "sigma_zeta": self.sigma_zeta,
+                **backward.backward_settings(c),
                 "backward_num_steps": c.sfbd.backward_num_steps,
                 "backward_churn": c.sfbd.backward_churn,
                 "denoise_batch_size": c.sfbd.denoise_batch_size,
@@ -401,6 +402,9 @@ class OnlineSFBDRun:
                "refreshes": refreshes,
                "denoise_evaluations": refreshes * self.config.online.refresh_count
                * self.evaluations_per_image}
+        if self.gradients_per_image:
+            row["denoise_gradients"] = (refreshes * self.config.online.refresh_count
+                                        * self.gradients_per_image)
         if u >= 0 and hasattr(self, "_batches"):
             row.update(self.diagnostics(step, refreshes))
             row["refreshes"] = refreshes

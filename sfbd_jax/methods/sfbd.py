@@ -95,6 +95,7 @@ class SFBDRun:
         clean = data.clean()
         noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
         sigma_zeta = float(data.manifest["settings"]["corruption"]["sigma"])
+        self._sigma_zeta, self._num_noisy = sigma_zeta, len(noisy)
         logging.info("SFBD on %s: %d clean + %d noisy images, σ_ζ = %g, %d rounds.",
                      data.manifest["source_name"], len(clean), len(noisy), sigma_zeta,
                      config.sfbd.rounds)
@@ -176,9 +177,9 @@ class SFBDRun:
         cfg = self.config.sfbd
         if int(state.step) != self.end_step(k - 1):
             state = self.rounds_ckpt.restore(k - 1, self.experiment.abstract_state())
-        sample, _ = backward.make_backward_sampler(self.experiment.denoise,
-                                                   self.experiment.mesh, self.config, sigma_zeta)
-        settings = {"round": k, "sigma_zeta": sigma_zeta,
+        sampler = backward.make_backward_sampler(self.experiment.denoise,
+                                                 self.experiment.mesh, self.config, sigma_zeta)
+        settings = {"round": k, "sigma_zeta": sigma_zeta, **backward.backward_settings(self.config),
                     "num_steps": cfg.backward_num_steps, "churn": cfg.backward_churn,
                     "batch_size": cfg.denoise_batch_size, "seed": self.config.seed,
                     "model_step": self.end_step(k - 1),
@@ -191,7 +192,7 @@ class SFBDRun:
             pipeline.validate_labels(noisy.labels, self.config.model.num_classes, "noisy")
             labels = noisy.labels
         out_dir = os.path.join(self.workdir, "denoised", f"round_{k}")
-        entries = backward.denoise_set(sample, state.ema_params, noisy.images, out_dir,
+        entries = backward.denoise_set(sampler.sample, state.ema_params, noisy.images, out_dir,
                                        mesh=self.experiment.mesh,
                                        batch_size=cfg.denoise_batch_size,
                                        shard_size=cfg.denoise_shard_size, key=key,
@@ -206,6 +207,10 @@ class SFBDRun:
         row = {"round": k, "step": int(state.step), "images_seen": int(state.images_seen),
                "train_loss": loop.phase_end_loss(self.workdir, "pretrain" if k == 0
                                                  else f"round{k}", int(state.step))}
+        if k > 0:  # the backward passes' cost so far (rounds 1..k, every noisy image)
+            evaluations, gradients = backward.cost_per_image(self.config, self._sigma_zeta)
+            row.update(denoise_evaluations=k * self._num_noisy * evaluations,
+                       denoise_gradients=k * self._num_noisy * gradients)
         if denoised is not None:
             quality = denoising.against_originals(self.data_dir, denoised)
             row.update(denoised_mse=quality["mse"], denoised_psnr=quality["psnr"],
