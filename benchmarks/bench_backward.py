@@ -1,5 +1,6 @@
 """One full SFBD backward round (denoise every noisy image from σ_ζ), timed, at several sizes
 of the noisy set; each size in a fresh process so that its peak memory is its own.
+``--config.sfbd.backward=dps`` times EMDiffusion's E-step instead.
 
     python benchmarks/bench_backward.py --config configs/demo.py --sizes 1024,4096
     python benchmarks/bench_backward.py --config configs/sfbd_smoke.py --sizes 4096,16384,65536
@@ -62,19 +63,17 @@ def child(config, size: int, num_devices: int) -> dict:
 
     devices.configure_cpu_devices(config.num_cpu_devices)
     from sfbd_jax.data import shards
-    from sfbd_jax.diffusion import sampler as sampler_lib
     from sfbd_jax.methods import backward
     from sfbd_jax.training.loop import Experiment
 
     mesh = devices.make_data_mesh(num_devices or None)
     exp = Experiment(config, mesh)
     state = exp.init_state()
-    cfg, sc = config.sfbd, config.sampler
+    cfg = config.sfbd
     sigma = config.corrupt.sigma
-    sigmas = sampler_lib.sigmas_from_level(sigma, cfg.backward_num_steps, sc.sigma_min,
-                                           sc.sigma_max, sc.rho)
-    sample = sampler_lib.make_sharded_sampler(exp.denoise, mesh, sigmas,
-                                              s_churn=cfg.backward_churn)
+    # The backward step the config selects (sfbd.backward: SFBD's ODE or EMDiffusion's DPS).
+    sampler = backward.make_backward_sampler(exp.denoise, mesh, config, sigma)
+    sample = sampler.sample
     with tempfile.TemporaryDirectory() as tmp:
         entries = write_noisy_set(os.path.join(tmp, "noisy"), size, exp.image_shape,
                                   config.corrupt.shard_size, sigma)
@@ -93,7 +92,8 @@ def child(config, size: int, num_devices: int) -> dict:
         seconds = time.perf_counter() - t
     label, peak = _peak_memory_mib()
     return {"size": size, "seconds": seconds, "images_per_s": size / seconds,
-            "evaluations_per_image": sampler_lib.num_evaluations(sigmas),
+            "evaluations_per_image": sampler.evaluations_per_image,
+            "gradients_per_image": sampler.gradients_per_image,
             "compile_s": compile_s, "memory": label, "peak_mib": peak,
             "host_peak_before_round_mib": rss_before,
             "devices": f"{mesh.devices.size} × {jax.devices()[0].device_kind}",
@@ -126,7 +126,8 @@ def main(argv) -> None:
     first = results[0]
     print(f"config {config_path}: {first['devices']}, jax {first['jax']}, images "
           f"{tuple(first['image_shape'])}, batch {first['batch']}, "
-          f"{first['evaluations_per_image']} evaluations per image, "
+          f"{first['evaluations_per_image']} evaluations per image "
+          f"({first['gradients_per_image']} of them differentiated), "
           f"compile {first['compile_s']:.1f} s")
     print(f"{'noisy images':>12}  {'seconds':>8}  {'images/s':>9}  {'image-evals/s':>13}  "
           f"{first['memory'] + ' (MiB)':>22}")

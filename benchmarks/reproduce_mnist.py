@@ -15,6 +15,14 @@ Rows (configs/reproduce_mnist.py; the same network and number of training images
                denoising evaluations spent so far equal SFBD's after round k); one row per point
   tweediediff  the ambient loss on the noisy data with σ_n = σ_ζ, each noisy image used only at
                σ > σ_ζ·√(4/3) (Ambient-Omni's mode=ambient, annotation 'fixed'), + the 50 clean
+  emdiffusion  EMDiffusion at SFBD's compute: the same pretraining and training images, E-steps
+               of DPS posterior samples (sfbd.backward='dps') whose cost per noisy image does
+               not exceed SFBD's backward passes (configs/reproduce_mnist.py: emdiffusion)
+Compute, stated per row in forward-pass equivalents (FPE): 3 per training image (forward and
+backward pass), 1 per denoiser evaluation of a backward/E-step/refresh pass, 2 more per
+evaluation that is differentiated (DPS). ``--equal_compute`` trains the rows without a
+denoising pass (oracle, clean_only, noisy, tweediediff) for SFBD's whole compute (its FPE / 3
+images) instead of SFBD's training images only (use a new --out).
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of generated
 samples against the 5,000 clean originals, memorisation (against the row's clean training images
 and all 5,000), precision/recall and density/coverage in the classifier's features, PSNR of
@@ -48,13 +56,29 @@ from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
 
-ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "online_sfbd", "tweediediff")
+ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "online_sfbd", "tweediediff",
+             "emdiffusion")
+TRAINING_ONLY = ("oracle", "clean_only", "noisy", "tweediediff")  # rows without denoising
+FPE_PER_TRAINING_IMAGE, FPE_PER_GRADIENT = 3, 2
+
+
+def sfbd_compute(c) -> int:
+    """SFBD's whole compute in FPE under config ``c``: its training images and its K backward
+    passes over the noisy set."""
+    from sfbd_jax.config_checks import noisy_count
+    from sfbd_jax.methods import backward
+
+    images = c.sfbd.pretrain_images + c.sfbd.rounds * c.sfbd.images_per_round
+    evaluations, _ = backward.cost_per_image(c, c.corrupt.sigma)
+    return FPE_PER_TRAINING_IMAGE * images + c.sfbd.rounds * noisy_count(c) * evaluations
 
 
 def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float = 1.0,
-               compute_dtype: str = "float32"):
+               compute_dtype: str = "float32", equal_compute: bool = False):
     """The config of one row: configs/reproduce_mnist.py with the row's mode and data;
-    ``budget_scale`` multiplies every training length (e.g. 10 on a GPU)."""
+    ``budget_scale`` multiplies every training length (e.g. 10 on a GPU); ``equal_compute``:
+    the rows without a denoising pass train for SFBD's whole compute (``sfbd_compute`` / 3
+    images) rather than for SFBD's training images."""
     from configs import reproduce_mnist
 
     c = reproduce_mnist.get_config(variant)
@@ -64,6 +88,9 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
         c.sfbd.pretrain_images = scale(c.sfbd.pretrain_images)
         c.sfbd.images_per_round = scale(c.sfbd.images_per_round)
     budget = c.sfbd.pretrain_images + c.sfbd.rounds * c.sfbd.images_per_round
+    if equal_compute and row in TRAINING_ONLY:
+        images = sfbd_compute(c) // FPE_PER_TRAINING_IMAGE
+        budget = images - images % c.train.batch_size
     c.seed = seed
     c.corrupt.split_seed, c.corrupt.noise_seed = seed, 1000 + seed
     c.corrupt.output_dir = os.path.join(out, f"seed{seed}", variant, "data")
@@ -86,6 +113,8 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
 
         c.online.refresh_count = -(-noisy_count(c) // 2)  # 2 refreshes ≈ one backward pass
         c.online.ramp_start, c.online.ramp_end = 0, steps_per_round
+    elif row == "emdiffusion":
+        reproduce_mnist.emdiffusion(c)
     elif row == "tweediediff":
         c.mode = "ambient"
         c.ambient.annotation, c.ambient.fixed_sigma_min = "fixed", 0.0  # raised to σ_n = σ_ζ
@@ -100,19 +129,30 @@ def row_workdir(out: str, seed: int, variant: str, row: str) -> str:
     return os.path.join(out, f"seed{seed}", row if shared else os.path.join(variant, row))
 
 
+def check_protocol(rows: list[dict], config, path: str) -> list[dict]:
+    """``rows`` read back from ``path``, refused when they were trained for another budget
+    than ``config``'s (another --budget_scale or --equal_compute in the same --out)."""
+    for r in rows:
+        if r["train_images"] != config.train.total_images:
+            raise ValueError(f"{path} holds a row trained for {r['train_images']} images; "
+                             f"this protocol trains it for {config.train.total_images} "
+                             "(another --budget_scale or --equal_compute): use a new --out")
+    return rows
+
+
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
-            compute_dtype: str = "float32") -> list[dict]:
+            compute_dtype: str = "float32", equal_compute: bool = False) -> list[dict]:
     """Train (or resume) one row and return its result rows (one per SFBD round)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
     from sfbd_jax.utils import jsonfile
 
-    config = row_config(variant, seed, row, out, budget_scale, compute_dtype)
+    config = row_config(variant, seed, row, out, budget_scale, compute_dtype, equal_compute)
     workdir = row_workdir(out, seed, variant, row)
     done_path = os.path.join(workdir, "reproduce_row.json")
     if os.path.exists(done_path):
-        return jsonfile.read_json(done_path, [])
+        return check_protocol(jsonfile.read_json(done_path, []), config, done_path)
     start = time.time()
     if row in ("oracle", "noisy"):
         run._setup()
@@ -127,7 +167,8 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
                          key=lambda r: r["step"])
         rows = [{**tables.metrics_of(r), "round": k, "psnr": r.get("buffer_psnr"),
                  "images_seen": r["images_seen"],
-                 "denoise_evaluations": r["denoise_evaluations"]}
+                 "denoise_evaluations": r["denoise_evaluations"],
+                 "denoise_gradients": r.get("denoise_gradients", 0)}
                 for k, r in enumerate(summary)]
     elif row == "tweediediff":
         run.run(config, workdir)
@@ -139,7 +180,9 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
         # Round 0's PSNR is that of the noisy set itself (the starting point of D^(k)).
         rows = [{**tables.metrics_of(r), "round": r["round"], "images_seen": r["images_seen"],
                  "psnr": None if row == "clean_only"
-                 else r.get("denoised_psnr", r.get("noisy_psnr"))}
+                 else r.get("denoised_psnr", r.get("noisy_psnr")),
+                 "denoise_evaluations": r.get("denoise_evaluations"),
+                 "denoise_gradients": r.get("denoise_gradients")}
                 for r in sorted(summary, key=lambda r: r["round"])]
     seconds = time.time() - start
     for r in rows:
@@ -151,9 +194,30 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
     return rows
 
 
+def with_compute(r: dict) -> dict:
+    """Row ``r`` with its compute so far in FPE (``compute_fpe``): training images (seen so far,
+    or the row's whole budget) and its denoising passes' evaluations and gradients. Rows
+    archived before the passes were counted get them from their config (round k of SFBD: k
+    passes over the noisy set)."""
+    r = dict(r)
+    if r["row"] in ("sfbd", "emdiffusion") and r.get("denoise_evaluations") is None:
+        from sfbd_jax.config_checks import noisy_count
+        from sfbd_jax.methods import backward
+
+        c = row_config(r["variant"], r["seed"], r["row"], "")
+        evaluations, gradients = backward.cost_per_image(c, c.corrupt.sigma)
+        passes = (r["round"] or 0) * noisy_count(c)
+        r["denoise_evaluations"], r["denoise_gradients"] = passes * evaluations, passes * gradients
+    images = r.get("images_seen") or r["train_images"]
+    r["compute_fpe"] = (FPE_PER_TRAINING_IMAGE * images + (r.get("denoise_evaluations") or 0)
+                        + FPE_PER_GRADIENT * (r.get("denoise_gradients") or 0))
+    r["compute_kfpe"] = r["compute_fpe"] / 1000
+    return r
+
+
 def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
             rows: tuple[str, ...] = ROW_ORDER, compute_dtype: str = "float32",
-            finished_only: bool = False) -> list[dict]:
+            finished_only: bool = False, equal_compute: bool = False) -> list[dict]:
     """The result rows of ``plan`` × ``rows``, training what is missing (``finished_only``:
     read back the finished rows only, train nothing)."""
     from sfbd_jax.utils import jsonfile
@@ -169,18 +233,21 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
                 continue
             seen.add(key)
             if finished_only:
-                results.extend(jsonfile.read_json(os.path.join(
-                    row_workdir(out, seed, variant, row), "reproduce_row.json"), []))
+                path = os.path.join(row_workdir(out, seed, variant, row), "reproduce_row.json")
+                results.extend(check_protocol(jsonfile.read_json(path, []), row_config(
+                    variant, seed, row, out, budget_scale, compute_dtype, equal_compute), path))
                 continue
             print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
-            results.extend(run_row(variant, seed, row, out, budget_scale, compute_dtype))
-    return results
+            results.extend(run_row(variant, seed, row, out, budget_scale, compute_dtype,
+                                   equal_compute))
+    return [with_compute(r) for r in results]
 
 
 # ----- report ---------------------------------------------------------------------------
 # (key, header, digits) of the table's metric columns; every evaluation key is in results.json.
 COLUMNS = ((("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓", 4))
-           + tables.NEIGHBOUR_COLUMNS + (("psnr", "PSNR of D^(k) (dB) ↑", 2),))
+           + tables.NEIGHBOUR_COLUMNS + (("psnr", "PSNR of D^(k) (dB) ↑", 2),
+                                         ("compute_kfpe", "compute (10³ FPE)", 0)))
 
 
 def table(results: list[dict]) -> str:
@@ -213,13 +280,18 @@ def table(results: list[dict]) -> str:
             add(sigma, label, [r for r in on if r["round"] == k])
         add(sigma, "(5) TweedieDiff: ambient loss, σ > 1.155·σ_ζ",
             [r for r in results if r["row"] == "tweediediff" and r["sigma"] == sigma])
+        em = [r for r in results if r["row"] == "emdiffusion" and r["sigma"] == sigma]
+        for k in sorted({r["round"] for r in em}):
+            label = ("(6) EMDiffusion: pretrained" if k == 0 else
+                     f"(6) EMDiffusion round {k} (DPS E-step); PSNR of its samples")
+            add(sigma, label, [r for r in em if r["round"] == k])
     return "\n".join(lines)
 
 
 PAIRED_COLUMNS = (("classifier_fd", "classifier FD", 2), ("swd", "sliced W₁", 4),
                   ("precision", "precision", 3), ("recall", "recall", 3),
                   ("memorised_fraction_train_pixel", "memorised: train set, px", 3),
-                  ("psnr", "PSNR (buffer − D^(k), dB)", 2))
+                  ("psnr", "PSNR (dB)", 2))
 
 
 def paired_table(results: list[dict]) -> str:
@@ -247,6 +319,48 @@ def paired_table(results: list[dict]) -> str:
         "|---|---|" + "---|" * len(PAIRED_COLUMNS) + "---|"] + lines)
 
 
+FINAL_LABELS = {"oracle": "(1) oracle", "clean_only": "(2) 50 clean only",
+                "noisy": "(3) EDM on noisy", "online_sfbd": "(4b) online SFBD",
+                "tweediediff": "(5) TweedieDiff", "emdiffusion": "(6) EMDiffusion"}
+
+
+def final_rows(results: list[dict], row: str, sigma) -> dict:
+    """{seed: the row's result at the end of its budget} (the last round of an iterative row);
+    rows independent of σ_ζ (oracle, clean-only) for any ``sigma``."""
+    out = {}
+    for r in results:
+        if r["row"] == row and (r["sigma"] == sigma or row in ("oracle", "clean_only")):
+            if r["seed"] not in out or (r["round"] or 0) > (out[r["seed"]]["round"] or 0):
+                out[r["seed"]] = r
+    return out
+
+
+def against_sfbd_table(results: list[dict]) -> str:
+    """Markdown: every other row at the end of its budget − SFBD after its last round, paired
+    by seed (mean ± 95% interval of the per-seed differences; an interval that excludes 0 is a
+    difference the seeds support). Empty when no seed has SFBD and another row."""
+    lines = []
+    for sigma in sorted({r["sigma"] for r in results if r["row"] == "sfbd"}):
+        sfbd = final_rows(results, "sfbd", sigma)
+        for row, label in FINAL_LABELS.items():
+            other = final_rows(results, row, sigma)
+            seeds = sorted(set(other) & set(sfbd))
+            if not seeds:
+                continue
+            diffs = [{key: other[s][key] - sfbd[s][key] for key, _, _ in PAIRED_COLUMNS
+                      if other[s].get(key) is not None and sfbd[s].get(key) is not None}
+                     for s in seeds]
+            ratio = np.mean([other[s]["compute_fpe"] / sfbd[s]["compute_fpe"] for s in seeds])
+            lines.append(f"| {sigma} | {label} | " + " | ".join(tables.cells(diffs,
+                                                                            PAIRED_COLUMNS))
+                         + f" | {ratio:.2f} | {','.join(map(str, seeds))} |")
+    if not lines:
+        return ""
+    return "\n".join(["| σ_ζ | row − SFBD (last round) | " + " | ".join(
+        h for _, h, _ in PAIRED_COLUMNS) + " | compute ÷ SFBD's | seeds |",
+        "|---|---|" + "---|" * len(PAIRED_COLUMNS) + "---|---|"] + lines)
+
+
 def plot_metrics(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -264,12 +378,13 @@ def plot_metrics(results: list[dict], path: str) -> None:
     for i, sigma in enumerate(sigmas):
         for j, (key, title) in enumerate(metrics):
             ax = axes[i, j]
-            for method, marker in (("sfbd", "o-"), ("online_sfbd", "s--")):
+            for method, marker, name in (("sfbd", "o-", "SFBD"),
+                                         ("online_sfbd", "s--", "online SFBD"),
+                                         ("emdiffusion", "^:", "EMDiffusion")):
                 sf = [r for r in results if r["row"] == method and r["sigma"] == sigma]
-                name = "SFBD" if method == "sfbd" else "online SFBD"
                 for seed in sorted({r["seed"] for r in sf}):
-                    pts = sorted((r["round"], r.get(key)) for r in sf if r["seed"] == seed
-                                 and r.get(key) is not None)
+                    pts = sorted((r["compute_kfpe"], r.get(key)) for r in sf
+                                 if r["seed"] == seed and r.get(key) is not None)
                     if pts:
                         ax.plot(*zip(*pts, strict=True), marker, label=f"{name} seed {seed}")
             if key != "psnr":
@@ -284,7 +399,7 @@ def plot_metrics(results: list[dict], path: str) -> None:
                                           "noisy": "EDM on noisy",
                                           "tweediediff": "TweedieDiff"}[row])
             ax.set_title(f"σ_ζ = {sigma}: {title}")
-            ax.set_xlabel("SFBD round k, or online SFBD at round k's compute (0 = pretrained)")
+            ax.set_xlabel("compute so far (10³ forward-pass equivalents)")
             ax.grid(alpha=0.3)
             if key == "classifier_fd":
                 ax.set_yscale("log")
@@ -313,8 +428,10 @@ def plot_samples(results: list[dict], path: str) -> None:
                      "tweediediff": f"TweedieDiff σ={r['sigma']}"}[r["row"]]
         else:
             png = os.path.join(r["workdir"], "samples", f"round{r['round']}.png")
+            name = {"sfbd": "SFBD", "emdiffusion": "EMDiffusion",
+                    "online_sfbd": "online SFBD"}.get(r["row"])
             label = ("50 clean only" if r["row"] == "clean_only"
-                     else f"SFBD σ={r['sigma']} round {r['round']}")
+                     else f"{name} σ={r['sigma']} round {r['round']}")
         if os.path.exists(png) and label not in [p[0] for p in panels]:
             panels.append((label, np.asarray(Image.open(png))))
     if not panels:  # e.g. only online SFBD rows were asked for: no grid of samples to show
@@ -387,9 +504,9 @@ def report(results: list[dict], out: str) -> str:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = table(results)
-    paired = paired_table(results)
-    if paired:
-        text += "\n\n" + paired
+    for extra in (paired_table(results), against_sfbd_table(results)):
+        if extra:
+            text += "\n\n" + extra
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
     if any(r["sigma"] is not None for r in results):  # rows that depend on σ_ζ
@@ -438,6 +555,9 @@ def main(argv: list[str] | None = None) -> str:
                         help=f"comma-separated rows to run, of {','.join(ROW_ORDER)}")
     parser.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"],
                         help="config.model.compute_dtype of every row (use a new --out)")
+    parser.add_argument("--equal_compute", action="store_true",
+                        help="rows without a denoising pass train for SFBD's whole compute "
+                             "(use a new --out)")
     parser.add_argument("--finished_only", action="store_true",
                         help="tabulate the rows already finished; train nothing")
     parser.add_argument("--archive", default="",
@@ -451,7 +571,7 @@ def main(argv: list[str] | None = None) -> str:
     start = time.time()
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype,
-                          args.finished_only), out)
+                          args.finished_only, args.equal_compute), out)
     if args.archive:
         copied = archive(plan, rows, out, os.path.abspath(args.archive))
         print(f"[reproduce] {copied} finished rows' results copied to {args.archive}")

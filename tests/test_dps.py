@@ -104,15 +104,21 @@ def test_one_evaluation_with_its_gradient_per_level():
     assert len(calls) == 12 == sampler.num_dps_evaluations(sigmas)
 
 
-def test_sharded_dps_sampler_matches_single_device(two_devices):
+@pytest.mark.parametrize("kw", [{}, {"guidance": "likelihood", "noise_sigma": 0.2,
+                                     "prior_sigma": 0.5}])
+def test_sharded_dps_sampler_is_dps_sample_on_one_or_two_devices(two_devices, kw):
+    # The sharded sampler dispatches one jitted level at a time; dps_sample scans them.
     sigmas = sampler.karras_sigmas(16)
     y = jax.random.normal(jax.random.PRNGKey(4), (8, 4, 4, 1))
+    key = jax.random.PRNGKey(0)
     outs = []
     for n in (1, 2):
         mesh = devices.make_data_mesh(n)
-        fn = sampler.make_sharded_dps_sampler(gaussian_denoiser, mesh, sigmas, 0.5)
-        outs.append(np.asarray(fn(PARAMS, y, None, jax.random.PRNGKey(0))))
+        fn = sampler.make_sharded_dps_sampler(gaussian_denoiser, mesh, sigmas, 0.5, **kw)
+        outs.append(np.asarray(fn(PARAMS, y, None, key)))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    scanned = sampler.dps_sample(gaussian_denoiser, PARAMS, y, sigmas, 0.5, key=key, **kw)
+    np.testing.assert_allclose(outs[0], np.asarray(scanned), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_guidance_is_refused():

@@ -33,7 +33,8 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     rows = {(r["row"], r["round"]) for r in results}
     assert rows == {("oracle", None), ("clean_only", 0), ("noisy", None), ("sfbd", 0),
                     ("sfbd", 1), ("sfbd", 2), ("online_sfbd", 0), ("online_sfbd", 1),
-                    ("online_sfbd", 2), ("tweediediff", None)}
+                    ("online_sfbd", 2), ("tweediediff", None), ("emdiffusion", 0),
+                    ("emdiffusion", 1)}
     budgets = {r["train_images"] for r in results}
     assert len(budgets) == 1  # the same training budget for every row
     for r in results:
@@ -56,10 +57,23 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
             c.sampler.rho))
         assert r["denoise_evaluations"] == r["round"] * 350 * per_image
         assert r["round"] == 0 or np.isfinite(r["psnr"])
+    # EMDiffusion at SFBD's compute: the same training images; its E-step (DPS, every level
+    # an evaluation and its gradient) costs no more forward-pass equivalents than SFBD's
+    # backward passes.
+    final = {r["row"]: r for r in results if r["round"] in (None, 1, 2)
+             and (r["row"] != "sfbd" or r["round"] == 2)}
+    em = final["emdiffusion"]
+    c = reproduce_mnist.row_config("smoke", 0, "emdiffusion", out)
+    assert em["denoise_gradients"] == em["denoise_evaluations"] == 350 * c.sfbd.dps_num_steps
+    assert em["images_seen"] == final["sfbd"]["images_seen"]
+    assert em["compute_fpe"] <= final["sfbd"]["compute_fpe"]
+    assert final["oracle"]["compute_fpe"] == 3 * final["oracle"]["train_images"]
+    assert np.isfinite(em["psnr"])
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
                   "(3) EDM on the noisy set", "(4) SFBD round 2",
                   "(4b) online SFBD at round 2's compute", "(5) TweedieDiff",
-                  "| 0.2 | round 2's compute |"):
+                  "| 0.2 | round 2's compute |", "(6) EMDiffusion round 1",
+                  "| 0.2 | (6) EMDiffusion |", "compute ÷ SFBD's"):
         assert label in text
     for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
                  "mnist_triptych_sigma0.2.png"):
@@ -74,6 +88,35 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     assert not any(name.endswith((".npy", ".png")) or name == "checkpoints"
                    for _, dirs, files in os.walk(kept) for name in dirs + files)
     assert reproduce_mnist.main(["--out", kept, "--smoke", "--finished_only"]) == text
+    # Rows of another protocol are refused, not mixed into the table.
+    with pytest.raises(ValueError, match="use a new --out"):
+        reproduce_mnist.main(["--out", out, "--smoke", "--finished_only", "--equal_compute"])
+
+
+def test_dps_calibration_on_the_smoke_runs_pretrained_model(smoke_run):
+    import dps_calibration
+
+    out, _ = smoke_run
+    args = ["--out", out, "--variant", "smoke", "--count", "8", "--grid",
+            "normalized:4:1,likelihood:3:0.5"]
+    rows = dps_calibration.main(args)
+    assert [(r["backward"], r["levels"]) for r in rows] == [("ode", None), ("dps", 4),
+                                                            ("dps", 3)]
+    assert [r["forward_equivalents_per_image"] for r in rows[1:]] == [12, 9]
+    assert all(np.isfinite(r["psnr"]) and r["discrepancy_ratio"] > 0 for r in rows)
+    assert dps_calibration.main(args) == []  # every setting is recorded: nothing redone
+
+
+def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
+    sfbd = reproduce_mnist.row_config("sigma0.2", 0, "sfbd", "/tmp/x")
+    oracle = reproduce_mnist.row_config("sigma0.2", 0, "oracle", "/tmp/x", equal_compute=True)
+    # 13,440 training images (3 FPE each) + 4 backward passes × 4,950 images × 7 evaluations.
+    assert reproduce_mnist.sfbd_compute(sfbd) == 3 * 13_440 + 4 * 4_950 * 7
+    assert oracle.train.total_images == (3 * 13_440 + 4 * 4_950 * 7) // 3 // 64 * 64
+    assert sfbd.train.total_images == 13_440  # rows that denoise keep SFBD's training images
+    em = reproduce_mnist.row_config("sigma0.2", 0, "emdiffusion", "/tmp/x", equal_compute=True)
+    assert em.train.total_images == 13_440
+    assert (em.sfbd.rounds, em.sfbd.dps_num_steps, em.sfbd.backward) == (1, 9, "dps")
 
 
 def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):

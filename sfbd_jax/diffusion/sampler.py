@@ -137,19 +137,40 @@ def dps_sample(
     y: (B, ...) on the [-1, 1] scale; returns (B, ...). Costs len(sigmas) − 1 evaluations of D,
     each with its gradient (``num_dps_evaluations``).
     """
+    _check_guidance(guidance, noise_sigma)
+    x, keys = _dps_start(y, key, jnp.asarray(sigmas, jnp.float32)[0], len(sigmas) - 1)
     sigmas = jnp.asarray(sigmas, jnp.float32)
-    num_intervals = sigmas.shape[0] - 1
-    y = y.astype(jnp.float32)
-    start_key, step_key = jax.random.split(key)
-    keys = jax.random.split(step_key, num_intervals)
-    batch_axes = tuple(range(1, y.ndim))
 
+    def step(x, inputs):
+        t, s, k = inputs
+        return _dps_step(denoise, params, x, y, t, s, k, labels, zeta, guidance, noise_sigma,
+                         prior_sigma), None
+
+    x, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:], keys))
+    return x
+
+
+def _check_guidance(guidance: str, noise_sigma: float) -> None:
     if guidance not in DPS_GUIDANCE:
         raise ValueError(f"unknown DPS guidance {guidance!r}; known: {DPS_GUIDANCE}")
     if guidance == "likelihood" and noise_sigma <= 0:
         raise ValueError("'likelihood' DPS guidance needs the noise level noise_sigma > 0")
 
-    def misfit(x, t):
+
+def _dps_start(y: jax.Array, key: jax.Array, sigma_start, num_intervals: int):
+    """(x = σ_0·n of y's shape, the keys of the ``num_intervals`` ancestral steps)."""
+    start_key, step_key = jax.random.split(key)
+    x = jax.random.normal(start_key, y.shape, jnp.float32) * sigma_start
+    return x, jax.random.split(step_key, num_intervals)
+
+
+def _dps_step(denoise, params, x, y, t, s, key, labels, zeta, guidance, noise_sigma,
+              prior_sigma):
+    """One DPS level t → s (``dps_sample``'s formulas)."""
+    y = y.astype(jnp.float32)
+    batch_axes = tuple(range(1, y.ndim))
+
+    def misfit(x):
         """Σ_b of each example's misfit (so its gradient is each example's own); D(x; t)."""
         d = denoise(params, x, jnp.full((x.shape[0],), t), labels)
         squared = jnp.sum(jnp.square(y - d), axis=batch_axes)
@@ -160,36 +181,46 @@ def dps_sample(
             variance = variance + prior_sigma**2 * t**2 / (prior_sigma**2 + t**2)
         return jnp.sum(squared) / (2.0 * variance), d
 
-    def step(x, inputs):
-        t, s, k = inputs
-        grad, d = jax.grad(misfit, has_aux=True)(x, t)
-        ratio = jnp.square(s / t)
-        noise = jax.random.normal(k, x.shape, x.dtype)
-        x_next = d + ratio * (x - d) + s * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0)) * noise
-        scale = zeta if guidance == "normalized" else zeta * (t**2 - s**2)
-        return x_next - scale * grad, None
-
-    x = jax.random.normal(start_key, y.shape, jnp.float32) * sigmas[0]
-    x, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:], keys))
-    return x
+    grad, d = jax.grad(misfit, has_aux=True)(x)
+    ratio = jnp.square(s / t)
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    x_next = d + ratio * (x - d) + s * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0)) * noise
+    scale = zeta if guidance == "normalized" else zeta * (t**2 - s**2)
+    return x_next - scale * grad
 
 
-def make_sharded_dps_sampler(denoise: DenoiseFn, mesh, sigmas, zeta: float, **guidance_kwargs):
-    """Jit ``dps_sample`` on ``sigmas`` with the batch sharded over ``mesh``'s ``data`` axis.
+def make_sharded_dps_sampler(denoise: DenoiseFn, mesh, sigmas, zeta: float, *,
+                             guidance: str = "normalized", noise_sigma: float = 0.0,
+                             prior_sigma: float = 0.0):
+    """``dps_sample`` on ``sigmas`` with the batch sharded over ``mesh``'s ``data`` axis, one
+    jitted call per level (the same numbers as ``dps_sample``).
 
     Returns ``sample(params, y, labels, key) -> x0``, the signature of
-    ``make_sharded_sampler``'s function with the observations y in place of x_start;
-    ``guidance_kwargs``: ``guidance``, ``noise_sigma``, ``prior_sigma`` of ``dps_sample``.
+    ``make_sharded_sampler``'s function with the observations y in place of x_start. Levels
+    are dispatched from Python rather than scanned: XLA:CPU runs a gradient through the
+    network inside a while loop several times slower than the same step compiled alone
+    (RESULTS.md, EMDiffusion), and one compiled step serves every level.
     """
+    _check_guidance(guidance, noise_sigma)
     sigmas = np.asarray(sigmas, np.float32)
     batch = devices.batch_sharding(mesh)
     repl = devices.replicated(mesh)
+    start = jax.jit(lambda y, key: _dps_start(y, key, sigmas[0], len(sigmas) - 1),
+                    in_shardings=(batch, repl), out_shardings=(batch, repl))
+    step = jax.jit(
+        lambda params, x, y, labels, t, s, key: _dps_step(
+            denoise, params, x, y, t, s, key, labels, zeta, guidance, noise_sigma,
+            prior_sigma),
+        in_shardings=(repl, batch, batch, batch, repl, repl, repl), out_shardings=batch,
+        donate_argnums=1)
 
     def sample(params, y, labels, key):
-        return dps_sample(denoise, params, y, sigmas, zeta, key=key, labels=labels,
-                          **guidance_kwargs)
+        x, keys = start(y, key)
+        for i in range(len(sigmas) - 1):
+            x = step(params, x, y, labels, sigmas[i], sigmas[i + 1], keys[i])
+        return x
 
-    return jax.jit(sample, in_shardings=(repl, batch, batch, repl), out_shardings=batch)
+    return sample
 
 
 def make_sharded_sampler(denoise: DenoiseFn, mesh, sigmas, **churn_kwargs):
