@@ -294,6 +294,12 @@ PAIRED_COLUMNS = (("classifier_fd", "classifier FD", 2), ("swd", "sliced W₁", 
                   ("psnr", "PSNR (dB)", 2))
 
 
+def differences(a: dict, b: dict) -> dict:
+    """a − b for every PAIRED_COLUMNS key both results hold."""
+    return {key: a[key] - b[key] for key, _, _ in PAIRED_COLUMNS
+            if a.get(key) is not None and b.get(key) is not None}
+
+
 def paired_table(results: list[dict]) -> str:
     """Markdown: online SFBD − SFBD at each round's compute, paired by seed (mean ± 95%
     interval of the per-seed differences); empty when no seed has both rows."""
@@ -306,9 +312,7 @@ def paired_table(results: list[dict]) -> str:
             seeds = sorted(s for s, kk in online if kk == k and (s, k) in sfbd)
             if not seeds:
                 continue
-            diffs = [{key: online[s, k][key] - sfbd[s, k][key] for key, _, _ in PAIRED_COLUMNS
-                      if online[s, k].get(key) is not None
-                      and sfbd[s, k].get(key) is not None} for s in seeds]
+            diffs = [differences(online[s, k], sfbd[s, k]) for s in seeds]
             lines.append(f"| {sigma} | round {k}'s compute | "
                          + " | ".join(tables.cells(diffs, PAIRED_COLUMNS))
                          + f" | {','.join(map(str, seeds))} |")
@@ -347,9 +351,7 @@ def against_sfbd_table(results: list[dict]) -> str:
             seeds = sorted(set(other) & set(sfbd))
             if not seeds:
                 continue
-            diffs = [{key: other[s][key] - sfbd[s][key] for key, _, _ in PAIRED_COLUMNS
-                      if other[s].get(key) is not None and sfbd[s].get(key) is not None}
-                     for s in seeds]
+            diffs = [differences(other[s], sfbd[s]) for s in seeds]
             ratio = np.mean([other[s]["compute_fpe"] / sfbd[s]["compute_fpe"] for s in seeds])
             lines.append(f"| {sigma} | {label} | " + " | ".join(tables.cells(diffs,
                                                                             PAIRED_COLUMNS))
@@ -378,15 +380,22 @@ def plot_metrics(results: list[dict], path: str) -> None:
     for i, sigma in enumerate(sigmas):
         for j, (key, title) in enumerate(metrics):
             ax = axes[i, j]
-            for method, marker, name in (("sfbd", "o-", "SFBD"),
-                                         ("online_sfbd", "s--", "online SFBD"),
-                                         ("emdiffusion", "^:", "EMDiffusion")):
+            # One colour per method, one thin line per seed (labelled once).
+            for method, marker, color, name in (("sfbd", "o-", "tab:blue", "SFBD"),
+                                                ("online_sfbd", "s--", "tab:orange",
+                                                 "online SFBD"),
+                                                ("emdiffusion", "^:", "tab:green",
+                                                 "EMDiffusion")):
                 sf = [r for r in results if r["row"] == method and r["sigma"] == sigma]
-                for seed in sorted({r["seed"] for r in sf}):
+                seeds = sorted({r["seed"] for r in sf})
+                for seed in seeds:
                     pts = sorted((r["compute_kfpe"], r.get(key)) for r in sf
                                  if r["seed"] == seed and r.get(key) is not None)
                     if pts:
-                        ax.plot(*zip(*pts, strict=True), marker, label=f"{name} seed {seed}")
+                        ax.plot(*zip(*pts, strict=True), marker, color=color, alpha=0.75,
+                                linewidth=1, markersize=4,
+                                label=f"{name} (seeds {','.join(map(str, seeds))})"
+                                if seed == seeds[0] else None)
             if key != "psnr":
                 for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-."),
                                    ("tweediediff", "m-")):
