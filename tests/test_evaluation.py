@@ -255,4 +255,12 @@ def test_per_class_classifier_fd_and_sample_accuracy(tmp_path):
     assert clf.meta["cached"] is True
     assert right["sample_class_accuracy"] == pytest.approx(
         float(np.mean(clf.predict(reference.images) == reference.labels)))
-    assert "classifier_fd_per_class" not in ev.evaluate(reference.images)  # unconditional
+    unconditional = ev.evaluate(reference.images)
+    assert "classifier_fd_per_class" not in unconditional
+    # How many samples the classifier recognises (top probability ≥ 0.9), from the same pass.
+    top = clf.probabilities(reference.images).max(axis=1)
+    for result in (right, unconditional):
+        assert result["classifier_confidence"] == pytest.approx(float(top.mean()), abs=1e-5)
+        assert result["confident_fraction"] == pytest.approx(
+            float(np.mean(top >= evaluator.CONFIDENT_PROBABILITY)), abs=1e-6)
+    assert 0.0 < unconditional["confident_fraction"] < 1.0

@@ -188,3 +188,23 @@ def test_gmm_log_density_is_exact():
     gauss = lambda m: np.exp(-np.sum((x - m) ** 2) / (2 * std**2)) / (2 * np.pi * std**2) ** 1.5
     direct = np.log(0.5 * gauss(means[0]) + 0.5 * gauss(means[1]))
     assert gmm_convergence.log_density(x, means, std)[0] == pytest.approx(direct, rel=1e-12)
+
+
+def test_budget_probe_evaluates_each_budget_of_one_long_run(smoke_run, monkeypatch):
+    import budget_probe
+
+    from sfbd_jax.training import loop
+
+    out, _ = smoke_run  # its own files beside the table's; the classifier cache is shared
+    points = budget_probe.main(["--out", out, "--smoke", "--points", "1,2"])
+    assert [p["point"] for p in points] == [1, 2]
+    assert [p["train_images"] for p in points] == [192, 384]  # the smoke table's budget: 192
+    for p in points:
+        assert np.isfinite(p["classifier_fd"]) and 0 <= p["confident_fraction"] <= 1
+    with open(os.path.join(out, "budget_probe.md")) as f:
+        text = f.read()
+    assert "| 384 | 2 |" in text and "real digits" in text
+    assert os.path.exists(os.path.join(out, "budget_probe_samples.png"))
+    # Evaluated points are read back: nothing is trained again.
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
+    assert budget_probe.main(["--out", out, "--smoke", "--points", "1,2"]) == points

@@ -72,6 +72,10 @@ class Classifier:
         """(N, H, W, C) in [-1, 1] → predicted classes (N,)."""
         return np.argmax(self._run(images)[1], axis=-1)
 
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, C) in [-1, 1] → class probabilities (N, num_classes), rows summing to 1."""
+        return np.asarray(jax.nn.softmax(jnp.asarray(self._run(images)[1]), axis=-1))
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(model: SmallCNN, params, images):

@@ -3,7 +3,10 @@
 Metrics (``config.eval.metrics``, comma-separated):
     fid            Fréchet distance of FID Inception-v3 pool features (needs converted weights)
     kid            kernel Inception distance (mean and std over subsets), same features
-    classifier_fd  Fréchet distance of the project classifier's features (MNIST-sized data)
+    classifier_fd  Fréchet distance of the project classifier's features (MNIST-sized data);
+                   also the classifier's mean confidence in the samples (its top softmax
+                   probability) and the fraction it classifies with probability ≥ 0.9: how
+                   many samples it recognises as a class
     swd            sliced 1-Wasserstein distance in pixel space ([-1, 1] scale)
     memorisation   nearest and second-nearest training image of every sample, in pixels and
                    in the evaluation features: the fraction memorised (d1/d2 below
@@ -43,6 +46,7 @@ from sfbd_jax.utils import integrity, jsonfile
 
 _INCEPTION_METRICS = ("fid", "kid")
 _NEIGHBOUR_METRICS = ("memorisation", "precision_recall", "density_coverage")
+CONFIDENT_PROBABILITY = 0.9  # a sample the classifier "recognises": top softmax ≥ this
 # Fewer real images than this outside the training set: the memorisation baseline is the
 # training images' leave-one-out nearest neighbour instead (a median over too few is noise).
 _MIN_OUTSIDE = 50
@@ -177,9 +181,9 @@ class Evaluator:
         result: dict = {"num_samples": int(len(images)),
                         "reference_count": int(len(self.reference))}
         for extractor in self.extractors:
-            predicted = None
-            if labels is not None and extractor.features_and_classes is not None:
-                feats, predicted = extractor.features_and_classes(images)  # one pass
+            predicted = confidence = None
+            if extractor.features_and_classes is not None:
+                feats, predicted, confidence = extractor.features_and_classes(images)  # 1 pass
             else:
                 feats = extractor.features(images)
             if extractor.name == self.neighbour_space:
@@ -202,7 +206,12 @@ class Evaluator:
                         subset_size=cfg.kid_subset_size, seed=cfg.reference_seed)
             else:
                 result["classifier_fd"] = fd
-                if predicted is not None:
+                if confidence is not None:
+                    confidence = np.asarray(confidence, np.float64)
+                    result["classifier_confidence"] = float(np.mean(confidence))
+                    result["confident_fraction"] = float(np.mean(
+                        confidence >= CONFIDENT_PROBABILITY))
+                if predicted is not None and labels is not None:
                     result["sample_class_accuracy"] = float(
                         np.mean(predicted == np.asarray(labels)))
                 if labels is not None and "class_mu" in ref:

@@ -49,15 +49,15 @@ def sharded_apply(apply_fn: Callable, variables, mesh, batch_size: int) -> Calla
 class Extractor:
     """name: 'inception' | 'classifier'; fingerprint: identifies the weights (cache key);
     features: images → (N, dim); info: facts to report (e.g. the classifier's accuracy);
-    features_and_classes: images → ((N, dim) features, (N,) predicted classes) in one pass, for
-    extractors that classify."""
+    features_and_classes: images → ((N, dim) features, (N,) predicted classes, (N,) the
+    predicted class's softmax probability) in one pass, for extractors that classify."""
 
     name: str
     dim: int
     fingerprint: str
     features: Callable[[np.ndarray], np.ndarray]
     info: dict
-    features_and_classes: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    features_and_classes: Callable[[np.ndarray], tuple[np.ndarray, ...]] | None = None
 
 
 def inception_extractor(weights_path: str, mesh, batch_size: int) -> Extractor:
@@ -77,7 +77,8 @@ def classifier_extractor(cfg, reference: ImageDataset, cache_dir: str, mesh,
 
     def with_classes(params, images):
         feats, logits = clf.apply(params, images)
-        return feats, jax.numpy.argmax(logits, axis=-1)
+        return (feats, jax.numpy.argmax(logits, axis=-1),
+                jax.numpy.max(jax.nn.softmax(logits, axis=-1), axis=-1))
 
     both = sharded_apply(with_classes, clf.params, mesh, batch_size)
     return Extractor("classifier", cfg.feature_dim, classifier_lib.fingerprint(cfg, reference),
