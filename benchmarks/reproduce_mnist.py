@@ -300,6 +300,16 @@ def differences(a: dict, b: dict) -> dict:
             if a.get(key) is not None and b.get(key) is not None}
 
 
+def paired_markdown(title: str, lines: list[str], extra: tuple[str, ...] = ()) -> str:
+    """A table of paired differences: header (σ_ζ, ``title``, PAIRED_COLUMNS, ``extra``,
+    seeds) above ``lines``; empty without lines."""
+    if not lines:
+        return ""
+    headers = ["σ_ζ", title, *(h for _, h, _ in PAIRED_COLUMNS), *extra, "seeds"]
+    return "\n".join(["| " + " | ".join(headers) + " |",
+                      "|" + "---|" * len(headers)] + lines)
+
+
 def paired_table(results: list[dict]) -> str:
     """Markdown: online SFBD − SFBD at each round's compute, paired by seed (mean ± 95%
     interval of the per-seed differences); empty when no seed has both rows."""
@@ -316,11 +326,7 @@ def paired_table(results: list[dict]) -> str:
             lines.append(f"| {sigma} | round {k}'s compute | "
                          + " | ".join(tables.cells(diffs, PAIRED_COLUMNS))
                          + f" | {','.join(map(str, seeds))} |")
-    if not lines:
-        return ""
-    return "\n".join(["| σ_ζ | online SFBD − SFBD at | " + " | ".join(
-        h for _, h, _ in PAIRED_COLUMNS) + " | seeds |",
-        "|---|---|" + "---|" * len(PAIRED_COLUMNS) + "---|"] + lines)
+    return paired_markdown("online SFBD − SFBD at", lines)
 
 
 FINAL_LABELS = {"oracle": "(1) oracle", "clean_only": "(2) 50 clean only",
@@ -356,11 +362,7 @@ def against_sfbd_table(results: list[dict]) -> str:
             lines.append(f"| {sigma} | {label} | " + " | ".join(tables.cells(diffs,
                                                                             PAIRED_COLUMNS))
                          + f" | {ratio:.2f} | {','.join(map(str, seeds))} |")
-    if not lines:
-        return ""
-    return "\n".join(["| σ_ζ | row − SFBD (last round) | " + " | ".join(
-        h for _, h, _ in PAIRED_COLUMNS) + " | compute ÷ SFBD's | seeds |",
-        "|---|---|" + "---|" * len(PAIRED_COLUMNS) + "---|---|"] + lines)
+    return paired_markdown("row − SFBD (last round)", lines, ("compute ÷ SFBD's",))
 
 
 def plot_metrics(results: list[dict], path: str) -> None:

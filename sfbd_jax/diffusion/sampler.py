@@ -138,8 +138,8 @@ def dps_sample(
     each with its gradient (``num_dps_evaluations``).
     """
     _check_guidance(guidance, noise_sigma)
-    x, keys = _dps_start(y, key, jnp.asarray(sigmas, jnp.float32)[0], len(sigmas) - 1)
     sigmas = jnp.asarray(sigmas, jnp.float32)
+    x, keys = _dps_start(y, key, sigmas[0], sigmas.shape[0] - 1)
 
     def step(x, inputs):
         t, s, k = inputs

@@ -72,7 +72,10 @@ def backward_grid(config, sigma_zeta: float) -> np.ndarray:
 def cost_per_image(config, sigma_zeta: float) -> tuple[int, int]:
     """(denoiser evaluations, of which differentiated) that the backward step spends on one
     noisy image."""
-    sigmas = backward_grid(config, sigma_zeta)
+    return _cost_on_grid(config, backward_grid(config, sigma_zeta))
+
+
+def _cost_on_grid(config, sigmas) -> tuple[int, int]:
     if config.sfbd.backward == "dps":
         n = sampler_lib.num_dps_evaluations(sigmas)
         return n, n
@@ -96,7 +99,7 @@ def make_backward_sampler(denoise, mesh, config, sigma_zeta: float) -> BackwardS
         sample = sampler_lib.make_sharded_sampler(
             denoise, mesh, sigmas, s_churn=cfg.backward_churn, s_tmin=sc.s_tmin,
             s_tmax=sc.s_tmax, s_noise=sc.s_noise)
-    return BackwardSampler(sample, sigmas, *cost_per_image(config, sigma_zeta))
+    return BackwardSampler(sample, sigmas, *_cost_on_grid(config, sigmas))
 
 
 def backward_settings(config) -> dict:
