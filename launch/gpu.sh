@@ -6,7 +6,7 @@
 # Usage: launch/gpu.sh [--dry-run] [--nodes N] [--gpus-per-node G] [--partition P]
 #                      [--account A] [--time HH:MM:SS] [--venv DIR] CONFIG WORKDIR
 #                      [--config.key=value ...]
-#   --dry-run   print the exact commands (and the sbatch script), run nothing.
+#   --dry-run   print the exact commands (and the sbatch script), run nothing (anywhere).
 #   --nodes 0   (default) run here on this node's GPUs, no SLURM.
 set -euo pipefail
 
@@ -16,6 +16,12 @@ usage() {
 }
 
 dry_run=0 nodes=0 gpus_per_node=8 partition="" account="" time_limit=24:00:00 venv=""
+# --dry-run counts wherever it stands (before CONFIG, between, or among the overrides).
+args=()
+for a in "$@"; do
+  if [[ $a == --dry-run ]]; then dry_run=1; else args+=("$a"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --dry-run) dry_run=1; shift ;;

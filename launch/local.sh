@@ -6,7 +6,7 @@
 #
 # Usage: launch/local.sh [--dry-run] [--processes N] [--devices-per-process D] [--port P]
 #                        CONFIG WORKDIR [--config.key=value ...]
-#   --dry-run   print the exact commands, run nothing.
+#   --dry-run   print the exact commands, run nothing (anywhere on the line).
 set -euo pipefail
 
 usage() {
@@ -15,6 +15,12 @@ usage() {
 }
 
 dry_run=0 processes=1 devices_per_process=0 port=12355
+# --dry-run counts wherever it stands (before CONFIG, between, or among the overrides).
+args=()
+for a in "$@"; do
+  if [[ $a == --dry-run ]]; then dry_run=1; else args+=("$a"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --dry-run) dry_run=1; shift ;;

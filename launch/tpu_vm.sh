@@ -7,7 +7,7 @@
 #          [--accelerator-type v5litepod-8] [--version v2-alpha-tpuv5-lite] [--project P]
 #          [--spot] [--skip-create] [--skip-install] [--shared-dir DIR] [--delete]
 #          CONFIG RUN_NAME [--config.key=value ...]
-#   --dry-run     print the exact commands, run nothing.
+#   --dry-run     print the exact commands, run nothing (anywhere on the line).
 #   --shared-dir  a directory mounted on every worker (Filestore/NFS): required for pod
 #                 slices with more than one host, whose processes share one run directory.
 #                 Without it the run directory is ~/sfbd_runs/RUN_NAME on the (single) worker.
@@ -21,6 +21,12 @@ usage() {
 
 dry_run=0 name="" zone="" bucket="" accelerator=v5litepod-8 version=v2-alpha-tpuv5-lite
 project="" spot=0 create=1 install=1 shared_dir="" delete=0
+# --dry-run counts wherever it stands (before CONFIG, between, or among the overrides).
+args=()
+for a in "$@"; do
+  if [[ $a == --dry-run ]]; then dry_run=1; else args+=("$a"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --dry-run) dry_run=1; shift ;;

@@ -21,7 +21,8 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "--distributed by hand: the number of processes.")
 flags.DEFINE_integer("process_id", None, "--distributed by hand: this process, 0-based.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "train: run config.mode (edm / sfbd); eval: metrics of a checkpoint.")
+                  "train: run config.mode (edm, sfbd, online_sfbd, ambient); eval: metrics of a "
+                  "checkpoint.")
 flags.DEFINE_string("checkpoint", "latest",
                     "--mode=eval: 'latest', 'step:N' or 'round:K' (an SFBD round).")
 flags.mark_flags_as_required(["config", "workdir"])

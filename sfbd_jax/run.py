@@ -12,11 +12,15 @@ from sfbd_jax import config_checks
 
 
 def _hide_accelerators_from_tensorflow() -> None:
-    """tf.data must never take GPU/TPU memory from JAX."""
+    """tf.data must never take GPU/TPU memory from JAX. TensorFlow itself is required (clu's
+    metric writers import it) but installed as an extra, so that an environment which has it
+    already (Colab) keeps its own: name the missing package instead of failing later."""
     try:
         import tensorflow as tf
-    except ImportError:
-        return
+    except ImportError as err:
+        raise RuntimeError(
+            "TensorFlow is not installed (clu's TensorBoard writers and tfds need it): "
+            "pip install -e '.[cpu]' (or pip install -r requirements.txt)") from err
     tf.config.experimental.set_visible_devices([], "GPU")
     tf.config.experimental.set_visible_devices([], "TPU")
 

@@ -60,6 +60,24 @@ def test_local_dry_run():
     assert not os.path.exists("/tmp/w/logs")  # a dry run creates nothing
 
 
+@pytest.mark.parametrize("script,options", [
+    ("local.sh", []), ("gpu.sh", []),
+    ("tpu_vm.sh", ["--name", "n", "--zone", "z", "--bucket", "gs://b"])])
+def test_dry_run_counts_wherever_it_stands(script, options):
+    """--dry-run before CONFIG, between CONFIG and WORKDIR, or among the overrides: the same
+    commands, and it is never passed on to the program."""
+    path = os.path.join(REPO, "launch", script)
+    outputs = []
+    for args in (["--dry-run", *options, "configs/demo.py", "w", "--config.seed=3"],
+                 [*options, "configs/demo.py", "--dry-run", "w", "--config.seed=3"],
+                 [*options, "configs/demo.py", "w", "--config.seed=3", "--dry-run"]):
+        proc = subprocess.run(["bash", path, *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert "--config.seed=3" in outputs[0] and "--dry-run" not in outputs[0]
+
+
 def test_local_rejects_bad_arguments():
     assert _dry_run("local.sh", "--processes", "0", "c", "w", ok=False).returncode == 2
     assert _dry_run("local.sh", "--bogus", "c", "w", ok=False).returncode == 2
