@@ -258,6 +258,8 @@ def get_config() -> ml_collections.ConfigDict:
     # loop); False keeps compile time short on GPU/TPU with many steps per dispatch.
     c.train.unroll_dispatch = True
     c.train.log_every_steps = 50
+    # Seconds between progress lines (phase, round, images, rate, phase and run ETA).
+    c.train.progress_every_secs = 30.0
     c.train.checkpoint_every_steps = 250
     c.train.max_checkpoints = 3
     c.train.async_checkpoints = True

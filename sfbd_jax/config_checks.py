@@ -48,6 +48,7 @@ def validate_config(config) -> None:
                  "sampler.sigma_min", "sampler.rho", "optim.lr", "ema.halflife_images",
                  "train.batch_size", "train.total_images", "train.steps_per_dispatch",
                  "train.log_every_steps", "train.checkpoint_every_steps", "train.num_samples",
+                 "train.progress_every_secs",
                  "eval.num_samples", "eval.batch_size", "eval.swd_projections",
                  "eval.kid_subsets", "eval.kid_subset_size"):
         _positive(config, path)

@@ -31,6 +31,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv, mode: str | None = None):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    logging.info("sfbd_jax: %s %s in %s; loading JAX and TensorFlow (up to a minute or more "
+                 "on a busy machine).", FLAGS.config.mode,
+                 "evaluation" if (mode or FLAGS.mode) == "eval" else "run", FLAGS.workdir)
     from sfbd_jax.utils import devices
 
     devices.configure_cpu_devices(FLAGS.config.num_cpu_devices)

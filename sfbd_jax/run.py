@@ -2,13 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging as logging_std
 import os
+import re
+import sys
+import tempfile
 
 import jax
 from absl import logging
 
 from sfbd_jax import config_checks
+
+# Lines TensorFlow's C++ runtime prints to stderr while it is imported, before any logging is
+# set up (so no log level hides them), that say nothing a user must act on.
+_HARMLESS_STARTUP_LINES = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called|oneDNN custom operations are "
+    r"on|cpu_feature_guard|This TensorFlow binary is optimized|To enable the following "
+    r"instructions|rebuild TensorFlow with the appropriate compiler flags|Unable to register "
+    r"cu(DNN|FFT|BLAS) factory|computation placer already registered|TF-TRT Warning|Could not "
+    r"find cuda drivers|Unable to initialize backend 'tpu'")
+
+
+@contextlib.contextmanager
+def harmless_stderr_dropped():
+    """Capture what C++ code writes to the stderr file descriptor meanwhile; pass every line on
+    except the known-harmless start-up messages above (all of it if the block raises)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (a notebook): leave it
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), fd)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [ln for ln in lines if failed or not _HARMLESS_STARTUP_LINES.search(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def _hide_accelerators_from_tensorflow() -> None:
@@ -16,7 +60,8 @@ def _hide_accelerators_from_tensorflow() -> None:
     metric writers import it) but installed as an extra, so that an environment which has it
     already (Colab) keeps its own: name the missing package instead of failing later."""
     try:
-        import tensorflow as tf
+        with harmless_stderr_dropped():
+            import tensorflow as tf
     except ImportError as err:
         raise RuntimeError(
             "TensorFlow is not installed (clu's TensorBoard writers and tfds need it): "
@@ -25,22 +70,27 @@ def _hide_accelerators_from_tensorflow() -> None:
     tf.config.experimental.set_visible_devices([], "TPU")
 
 
-class _DropOrbaxInfo(logging_std.Filter):
-    """Orbax logs every step of every save at INFO; keep its warnings and errors only."""
+class _DropNoisyInfo(logging_std.Filter):
+    """Orbax logs every step of every save at INFO, and JAX says at INFO that it found no TPU
+    on every machine without one: keep their warnings and errors only."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+        if record.levelno >= logging_std.WARNING:
+            return True
+        return "/orbax/" not in record.pathname and not (
+            record.pathname.endswith("xla_bridge.py")
+            and "Unable to initialize backend" in str(record.msg))
 
 
-def _quiet_orbax() -> None:
+def _quiet_logs() -> None:
     handler = logging.get_absl_handler()
-    if not any(isinstance(f, _DropOrbaxInfo) for f in handler.filters):
-        handler.addFilter(_DropOrbaxInfo())
+    if not any(isinstance(f, _DropNoisyInfo) for f in handler.filters):
+        handler.addFilter(_DropNoisyInfo())
 
 
 def _setup() -> None:
+    _quiet_logs()
     _hide_accelerators_from_tensorflow()
-    _quiet_orbax()
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
 

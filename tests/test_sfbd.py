@@ -63,6 +63,8 @@ def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, mo
         with open(tmp_path / "straight" / "denoised" / f"round_{k}" / "progress.json") as f:
             assert sum(e["rows"] for e in json.load(f)["shards"]) == 32
     assert os.path.exists(tmp_path / "straight" / "samples" / "round2.png")
+    assert summary[2]["samples"] == os.path.join("samples", "round2.png")  # relative: movable
+    assert any(n.startswith("events.out") for n in os.listdir(tmp_path / "straight" / "progress"))
 
     # Kill the same run three times: mid-pretraining (after the step-2 checkpoint), in round
     # 1's denoising (after its first shard), and mid round-2 fine-tuning (after step 10).

@@ -115,12 +115,14 @@ def backward_settings(config) -> dict:
 
 
 def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, batch_size: int,
-                 key: jax.Array, labels: np.ndarray | None = None) -> np.ndarray:
+                 key: jax.Array, labels: np.ndarray | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """``noisy[rows]`` (len(rows), H, W, C) denoised with ``sample(params, x, labels, key)``
     in global batches of ``batch_size`` sharded over ``mesh``; the batch starting at position
     i of ``rows`` uses the key ``fold_in(key, rows[i])``. A last partial batch is padded with
     copies of its last row (dropped again). Each process reads only its devices' rows (from a
-    memory-mapped set: only those pages); every process gets the whole result."""
+    memory-mapped set: only those pages); every process gets the whole result. ``on_batch``
+    is called with the number of rows done after every batch."""
     devices.check_divisible(batch_size, mesh, "the denoising batch size")
     sharding = devices.batch_sharding(mesh)
     outputs = []
@@ -136,18 +138,22 @@ def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, bat
                 sharding, np.asarray(labels[local], np.int32), (batch_size,))
         out = sample(params, x, y, jax.random.fold_in(key, int(part[0])))
         outputs.append(devices.to_host(out)[: len(part)])
+        if on_batch is not None:
+            on_batch(i + len(part))
     return np.concatenate(outputs)
 
 
 def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_size: int,
                 shard_size: int, key: jax.Array, settings: dict,
-                labels: np.ndarray | None = None) -> list[dict]:
+                labels: np.ndarray | None = None,
+                on_progress: Callable[[int], None] | None = None) -> list[dict]:
     """Denoise every row of ``noisy`` (N, H, W, C; an array or a lazy ShardedArray) with
     ``sample(params, x, labels, key)`` (e.g. the sharded sampler on ``sigmas_from_level``) into
     shards under ``out_dir``; returns the shard entries (``file``, ``rows``, ``sha256``,
     ``start``). ``labels`` (N,): the class of each row, for a class-conditional model
     (conditional SFBD). ``settings`` identifies the pass (round, σ_ζ, grid, …): recorded shards made
-    with other settings are never reused."""
+    with other settings are never reused. ``on_progress`` is called with the number of rows
+    done (reused shards included) after every batch."""
     devices.check_divisible(batch_size, mesh, "the denoising batch size")
     if shard_size % batch_size:
         raise ValueError(f"denoising shard size {shard_size} must be a multiple of the batch "
@@ -169,6 +175,8 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
     # before all have read the record that process 0 is about to extend.
     devices.sync_processes(f"denoise-start:{out_dir}")
     entries = []
+    report = on_progress or (lambda done: None)
+    done_rows = 0
     for start in range(0, n, shard_size):
         stop = min(start + shard_size, n)
         entry = done.get(start)
@@ -176,11 +184,14 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
             try:
                 shards.verify_shard(out_dir, entry)
                 entries.append(entry)
+                done_rows += entry["rows"]
                 continue
             except shards.CorruptShardError as err:
                 logging.warning("Re-denoising rows %d..%d: %s", start, stop - 1, err)
         denoised = denoise_rows(sample, params, noisy, np.arange(start, stop), mesh=mesh,
-                                batch_size=batch_size, key=key, labels=labels)
+                                batch_size=batch_size, key=key, labels=labels,
+                                on_batch=lambda m, base=done_rows: report(base + m))
+        done_rows += stop - start
         if len(denoised) != stop - start:
             raise CountCheckError(f"rows {start}..{stop - 1}: denoised {len(denoised)} images")
         bad = shards.nonfinite_rows(denoised) + start
@@ -196,7 +207,6 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
             entries.append(entry)
             jsonfile.write_json(os.path.join(out_dir, PROGRESS),
                                 {"settings": settings, "shards": entries})
-        logging.info("Denoised %d / %d noisy images.", stop, n)
     if jax.process_count() > 1:
         devices.sync_processes(f"denoise-end:{out_dir}")
         entries = jsonfile.read_json(os.path.join(out_dir, PROGRESS), {})["shards"]

@@ -55,6 +55,7 @@ from sfbd_jax.methods.sfbd import phase_steps
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
 from sfbd_jax.utils import checkpoints, devices, integrity, jsonfile
+from sfbd_jax.utils import progress as progress_lib
 
 SUMMARY = "online_summary.json"
 _ORDER_STREAM, _BATCH_STREAM, _REFRESH_STREAM = 4099, 31337, 2_000_003
@@ -189,6 +190,14 @@ class OnlineSFBDRun:
 
         self.writer = metric_writers.create_default_writer(
             self.workdir, just_logging=jax.process_index() > 0)
+        b = config.train.batch_size
+        # Refreshes and evaluations run inside the online phase: its rate includes them.
+        progress = progress_lib.RunProgress(
+            [progress_lib.Phase("pretrain", "pretrain", "train", self.pretrain_steps * b),
+             progress_lib.Phase("online", "online training with buffer refreshes", "train",
+                                (self.end_step - self.pretrain_steps) * b)],
+            writer=progress_lib.tensorboard_writer(self.workdir),
+            every_secs=config.train.progress_every_secs)
         self.ckpt = checkpoints.Checkpointer.for_training(
             os.path.join(self.workdir, "checkpoints"), config.train)
         try:
@@ -198,7 +207,8 @@ class OnlineSFBDRun:
                     state = exp.train(state, clean, end_step=self.pretrain_steps,
                                       phase_start_step=0, data_seed=config.seed,
                                       checkpointer=self.ckpt, writer=self.writer,
-                                      workdir=self.workdir, tag="pretrain")
+                                      workdir=self.workdir, tag="pretrain",
+                                      progress=progress)
                 if not self._evaluated(self.pretrain_steps):
                     self._evaluate(state, "pretrain")
                 self._rebuild_buffer(int(state.step))
@@ -213,11 +223,13 @@ class OnlineSFBDRun:
                                       phase_start_step=self.pretrain_steps,
                                       data_seed=config.seed, checkpointer=self.ckpt,
                                       writer=self.writer, workdir=self.workdir, tag="online",
-                                      batches=batches, before_dispatch=self._before_dispatch)
+                                      batches=batches, before_dispatch=self._before_dispatch,
+                                      progress=progress)
                 if not self._evaluated(self.end_step):
                     self._evaluate(state, "online")
         finally:
             self.ckpt.close()
+            progress.close()
         return state
 
     # ----- refreshes --------------------------------------------------------------------

@@ -31,12 +31,14 @@ from sfbd_jax.data import pipeline, shards
 from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
+from sfbd_jax.diffusion import sampler as sampler_lib
 from sfbd_jax.evaluation import denoising, training_sets
 from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.methods import backward
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
 from sfbd_jax.utils import checkpoints, integrity, jsonfile
+from sfbd_jax.utils import progress as progress_lib
 
 PROGRESS = "sfbd_progress.json"
 SUMMARY = "sfbd_summary.json"
@@ -82,6 +84,32 @@ class SFBDRun:
         self._evaluator = (evaluator_lib.Evaluator(config, self.experiment.mesh)
                            if config.eval.round_num_samples > 0 else None)
 
+    def plan(self, num_noisy: int, sigma_zeta: float, writer=None) -> progress_lib.RunProgress:
+        """The run's phases for the progress line: pretraining, then per round the backward
+        pass over every noisy image and the forward fine-tuning (and the round's metrics when
+        eval.round_num_samples > 0)."""
+        cfg, b = self.config, self.config.train.batch_size
+        rounds = cfg.sfbd.rounds
+        evaluations, gradients = backward.cost_per_image(cfg, sigma_zeta)
+        sc = cfg.sampler
+        sample_cost = sampler_lib.num_evaluations(sampler_lib.karras_sigmas(
+            sc.num_steps, sc.sigma_min, sc.sigma_max, sc.rho))
+        Phase = progress_lib.Phase
+
+        def metrics(k: int) -> list:
+            n = cfg.eval.round_num_samples
+            return ([Phase(f"round{k}/metrics", f"round {k}/{rounds} metrics", "sample", n,
+                           sample_cost)] if n > 0 else [])
+
+        phases = [Phase("pretrain", "pretrain", "train", self.pretrain_steps * b), *metrics(0)]
+        for k in range(1, rounds + 1):
+            phases += [Phase(f"round{k}/backward", f"round {k}/{rounds} backward", "denoise",
+                             num_noisy, evaluations + 2 * gradients),
+                       Phase(f"round{k}", f"round {k}/{rounds} forward", "train",
+                             self.round_steps * b), *metrics(k)]
+        return progress_lib.RunProgress(phases, writer=writer,
+                                        every_secs=cfg.train.progress_every_secs)
+
     def end_step(self, k: int) -> int:
         """Global step at which round k (0 = pretraining) ends."""
         return self.pretrain_steps + k * self.round_steps
@@ -102,6 +130,8 @@ class SFBDRun:
 
         writer = metric_writers.create_default_writer(self.workdir,
                                                       just_logging=jax.process_index() > 0)
+        self.progress = self.plan(len(noisy), sigma_zeta,
+                                  progress_lib.tensorboard_writer(self.workdir))
         ckpt = checkpoints.Checkpointer.for_training(
             os.path.join(self.workdir, "checkpoints"), config.train)
         rounds_ckpt = checkpoints.Checkpointer(os.path.join(self.workdir, "rounds"), None,
@@ -118,7 +148,7 @@ class SFBDRun:
                     state = exp.train(state, clean, end_step=self.end_step(0),
                                       phase_start_step=0, data_seed=config.seed,
                                       checkpointer=ckpt, writer=writer, workdir=self.workdir,
-                                      tag="pretrain")
+                                      tag="pretrain", progress=self.progress)
                 if "pretrain" not in progress["done"]:
                     summary = self._finish_round(0, state, rounds_ckpt, writer, summary, None)
                     progress["done"].append("pretrain")
@@ -140,7 +170,7 @@ class SFBDRun:
                                           phase_start_step=start,
                                           data_seed=config.seed + 7919 * k, checkpointer=ckpt,
                                           writer=writer, workdir=self.workdir,
-                                          tag=f"round{k}")
+                                          tag=f"round{k}", progress=self.progress)
                     summary = self._finish_round(k, state, rounds_ckpt, writer, summary,
                                                  denoised)
                     progress["done"].append(f"round{k}/forward")
@@ -148,6 +178,7 @@ class SFBDRun:
         finally:
             ckpt.close()
             rounds_ckpt.close()
+            self.progress.close()
         self._log_table(summary)
         return state
 
@@ -192,11 +223,17 @@ class SFBDRun:
             pipeline.validate_labels(noisy.labels, self.config.model.num_classes, "noisy")
             labels = noisy.labels
         out_dir = os.path.join(self.workdir, "denoised", f"round_{k}")
+        self.progress.begin(f"round{k}/backward")
+        self.progress.note(f"Round {k}/{cfg.rounds} backward: denoising {len(noisy):,} noisy "
+                           f"images from σ_ζ = {sigma_zeta:g} ({sampler.evaluations_per_image} "
+                           "network evaluations each; the first batch compiles the sampler).")
         entries = backward.denoise_set(sampler.sample, state.ema_params, noisy.images, out_dir,
                                        mesh=self.experiment.mesh,
                                        batch_size=cfg.denoise_batch_size,
                                        shard_size=cfg.denoise_shard_size, key=key,
-                                       settings=settings, labels=labels)
+                                       settings=settings, labels=labels,
+                                       on_progress=self.progress.update)
+        self.progress.end()
         return shards.read_all(out_dir, entries)
 
     def _finish_round(self, k, state, rounds_ckpt, writer, summary, denoised) -> list:
@@ -220,7 +257,9 @@ class SFBDRun:
             quality = denoising.against_originals(self.data_dir, noisy.images.to_numpy())
             row.update(noisy_mse=quality["mse"], noisy_psnr=quality["psnr"])
         if self.config.eval.round_num_samples > 0:
+            self.progress.begin(f"round{k}/metrics", timed_from_start=True)
             row.update(self._metrics(state, k))
+            self.progress.end()
         if self.config.sfbd.eval_every_round or k == self.config.sfbd.rounds:
             row["samples"] = self.experiment.write_samples(state, self.workdir, writer,
                                                            f"round{k}")

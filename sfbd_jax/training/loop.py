@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 from sfbd_jax.config_checks import validate_config
 from sfbd_jax.data import pipeline, sources
@@ -26,6 +26,7 @@ from sfbd_jax.models import precond, unet
 from sfbd_jax.training import optim, step
 from sfbd_jax.training.state import TrainState, create_train_state
 from sfbd_jax.utils import checkpoints, devices, images, jsonfile
+from sfbd_jax.utils import progress as progress_lib
 
 # Independent PRNG streams derived from config.seed.
 _STREAM_INIT, _STREAM_TRAIN, _STREAM_SAMPLES = 0, 1, 2
@@ -59,6 +60,7 @@ class Experiment:
                                                self.mesh, config.train.unroll_dispatch)
         self.base_key = jax.random.PRNGKey(config.seed)
         self._samplers: dict[tuple, Any] = {}
+        self._train_step_compiled = False
         self.last_scalars: dict[str, float] = {}  # the last metrics ``train`` logged
 
     # ----- state -------------------------------------------------------------------------
@@ -76,6 +78,7 @@ class Experiment:
         a fraction of a second either way, while the optimised compile of a graph that holds
         the whole forward pass costs seconds (7.3 s → 3.4 s for the 7M-parameter config of
         benchmarks/vs_pytorch.py on 2 CPU cores; the parameters are bit-identical, tested)."""
+        logging.info("Initialising the parameters (compiling the initialisation first).")
         init = jax.jit(self._init, out_shardings=devices.replicated(self.mesh))
         compiled = init.lower(self.base_key).compile(
             compiler_options={"xla_backend_optimization_level": 0})
@@ -132,14 +135,16 @@ class Experiment:
         return (np.arange(num) % k).astype(np.int32) if k else None
 
     def write_samples(self, state: TrainState, workdir: str, writer, tag: str) -> str:
-        """Sample a grid from the EMA parameters with a fixed key; PNG + TensorBoard image."""
+        """Sample a grid from the EMA parameters with a fixed key; PNG + TensorBoard image.
+        Returns the PNG's path relative to ``workdir`` (run records stay valid when the run
+        directory moves)."""
         num = self.config.train.num_samples
         key = jax.random.fold_in(self.base_key, _STREAM_SAMPLES)
         samples = self.generate(state.ema_params, num, key, self.sample_labels(num))
         grid = images.make_grid(samples)
-        path = os.path.join(workdir, "samples", f"{tag}.png")
+        path = os.path.join("samples", f"{tag}.png")
         if jax.process_index() == 0:
-            images.save_png(grid, path)
+            images.save_png(grid, os.path.join(workdir, path))
         writer.write_images(int(state.step), {"samples": grid[None]})
         return path
 
@@ -148,8 +153,8 @@ class Experiment:
               phase_start_step: int, data_seed: int, checkpointer: checkpoints.Checkpointer,
               writer, workdir: str, tag: str = "train",
               batches: pipeline.TrainBatches | None = None,
-              before_dispatch: Callable[[int, TrainState], None] | None = None
-              ) -> TrainState:
+              before_dispatch: Callable[[int, TrainState], None] | None = None,
+              progress: progress_lib.RunProgress | None = None) -> TrainState:
         """Train ``state`` on ``dataset`` until ``state.step == end_step``.
 
         Batch ``i`` of the phase is drawn for step ``phase_start_step + i`` from ``data_seed``,
@@ -157,7 +162,8 @@ class Experiment:
         replaces the uniform batches over ``dataset`` (e.g. Ambient-Omni's
         ``eligibility.AmbientBatches``, whose maker validates its data). ``before_dispatch``
         is called with (global step, state) before every dispatch (online SFBD refreshes its
-        buffer there).
+        buffer there). ``progress``: the run's plan, holding a phase named ``tag`` (without
+        one, a plan of this phase alone); its line counts this phase's training images.
         """
         cfg = self.config.train
         if batches is None:
@@ -171,19 +177,33 @@ class Experiment:
         if (end_step - phase_start_step) % cfg.steps_per_dispatch:
             raise ValueError(f"the phase length {end_step - phase_start_step} steps is not a "
                              f"multiple of train.steps_per_dispatch={cfg.steps_per_dispatch}")
-        report = periodic_actions.ReportProgress(num_train_steps=end_step, writer=writer,
-                                                 every_secs=30.0)
         k = cfg.steps_per_dispatch
+        images_of = lambda step_: (step_ - phase_start_step) * cfg.batch_size
+        own_progress = progress is None
+        if own_progress:
+            progress = progress_lib.single_phase(
+                tag, images_of(end_step), writer=progress_lib.tensorboard_writer(workdir),
+                every_secs=cfg.progress_every_secs)
+        progress.begin(tag, images_of(step_now))
         t_last, step_last = time.time(), step_now
         first_nonfinite = jnp.full((2,), -1, jnp.int32)  # (loss, gradient): see step.py
         while step_now < end_step:
             if before_dispatch is not None:
                 before_dispatch(step_now, state)
+            if not self._train_step_compiled:
+                progress.note("Compiling the train step and running its first dispatch (a "
+                              "minute or more on a busy CPU; XLA may call it a 'very slow "
+                              "compile', which is harmless).")
+                t_compile = time.time()
             state, metrics = self.train_step(state, batches.get(step_now - phase_start_step))
+            if not self._train_step_compiled:
+                jax.block_until_ready(metrics)
+                self._train_step_compiled = True
+                progress.note(f"Train step compiled and run in {time.time() - t_compile:.1f} s.")
             first_nonfinite = step.track_first_nonfinite(
                 first_nonfinite, metrics.pop("first_nonfinite"), jnp.int32(step_now))
             step_now += k
-            report(step_now)
+            progress.update(images_of(step_now))
             due = lambda every, now=step_now: bool(every) and now % every < k
             if due(cfg.log_every_steps) or step_now == end_step:
                 check_nonfinite(first_nonfinite, checkpointer)
@@ -203,6 +223,9 @@ class Experiment:
                 checkpointer.save(step_now, state)
             if due(cfg.sample_every_steps) and step_now != end_step:
                 self.write_samples(state, workdir, writer, f"{tag}_step{step_now:07d}")
+        progress.end()
+        if own_progress:
+            progress.close()
         return state
 
 
@@ -325,7 +348,7 @@ def train_and_evaluate(config, workdir: str,
                                      phase_start_step=0, data_seed=config.seed,
                                      checkpointer=checkpointer, writer=writer, workdir=workdir)
             path = experiment.write_samples(state, workdir, writer, "final")
-            logging.info("Wrote samples to %s", path)
+            logging.info("Wrote samples to %s", os.path.join(workdir, path))
     finally:
         checkpointer.close()
     return state
