@@ -14,15 +14,18 @@ DIR/eval/<tag>_guidance<w>.json and under ``eval_guidance<w>/``.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import jax
 from absl import logging
-from clu import metric_writers
 
-from sfbd_jax.evaluation import evaluator as evaluator_lib
-from sfbd_jax.evaluation import training_sets
-from sfbd_jax.training import loop
 from sfbd_jax.utils import checkpoints
+
+if TYPE_CHECKING:
+    from sfbd_jax.training import loop
+
+# The modules that import TensorFlow (through clu) are imported where they are used, so that
+# ``python -m sfbd_jax.evaluate`` reaches run.py's quiet TensorFlow import first.
 
 
 def _resolve(workdir: str, checkpoint: str) -> tuple[str, int, str]:
@@ -60,6 +63,12 @@ def load_params(experiment: loop.Experiment, workdir: str, checkpoint: str = "la
 
 def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
     """Evaluate one checkpoint of the run in ``workdir``; returns (and records) the metrics."""
+    from clu import metric_writers
+
+    from sfbd_jax.evaluation import evaluator as evaluator_lib
+    from sfbd_jax.evaluation import training_sets
+    from sfbd_jax.training import loop
+
     workdir = os.path.abspath(workdir)
     experiment = loop.Experiment(config)
     params, step, checkpoint_tag = load_params(experiment, workdir, checkpoint)

@@ -128,5 +128,11 @@ def run_evaluation(config, workdir: str, checkpoint: str = "latest") -> dict:
     config_checks.validate_config(config)
     _setup()
     from sfbd_jax import evaluate
+    from sfbd_jax.evaluation import report
 
-    return evaluate.evaluate(config, workdir, checkpoint)
+    result = evaluate.evaluate(config, workdir, checkpoint)
+    if jax.process_index() == 0:
+        print(report.summary_text(result, f"Evaluation of {workdir}, checkpoint "
+                                  f"{result['checkpoint']} (training step {result['step']}):"),
+              flush=True)
+    return result

@@ -147,3 +147,20 @@ def test_tensorboard_writer_goes_to_its_own_directory(tmp_path):
     p.close()
     assert any(name.startswith("events.out.tfevents")
                for name in os.listdir(tmp_path / "progress"))
+
+
+def test_evaluation_summary_fits_a_screen_and_names_what_each_metric_says():
+    from sfbd_jax.evaluation import report
+
+    result = {"classifier_fd": 3.8987, "swd": 0.0833, "precision": 0.788, "recall": 0.808,
+              "memorised_fraction_train_pixel": 0.0, "confident_fraction": 0.93,
+              "num_samples": 1000, "reference_count": 5000, "train_count": 50,
+              "neighbour_features": "classifier", "most_copied_train": {"d1": 1.0}}
+    text = report.summary_text(result, "Evaluation of runs/demo:")
+    lines = text.splitlines()
+    assert lines[0] == "Evaluation of runs/demo:"
+    assert any("classifier FD" in ln and "3.899" in ln and "lower is better" in ln
+               for ln in lines)
+    assert any("recall" in ln and "0.808" in ln and "diversity" in ln for ln in lines)
+    assert "fid" not in text.lower().split("fréchet")[0]  # absent metrics are not shown
+    assert lines[-1] == "  (1,000 samples, 5,000 reference images, 50 training images)"

@@ -147,6 +147,14 @@ def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
     assert result["d1_ratio_train_pixel"] == result["d1_ratio_data_pixel"]
     assert os.path.exists(os.path.join(workdir, "eval", f"step{step}_copies.png"))
     assert result["num_samples"] == config.eval.num_samples and result["step"] == step
+    # The one-screen summary on stdout: each metric with its value.
+    summary = proc.stdout.strip().splitlines()
+    assert summary[0].startswith(f"Evaluation of {workdir}, checkpoint step{step}")
+    assert len(summary) < 25
+    fd_line = next(line for line in summary if "classifier FD" in line)
+    assert f"{result['classifier_fd']:.4g}" in fd_line and "lower is better" in fd_line
+    # No TensorFlow start-up lines or no-TPU note on the terminal.
+    assert "oneDNN" not in proc.stderr and "libtpu" not in proc.stderr
 
     with pytest.raises(FileNotFoundError, match="checkpoint 3 is not in"):
         run_evaluation(config, workdir, "step:3")
