@@ -2,6 +2,7 @@
 the cached feature classifier, and evaluating a checkpoint from the command line."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -214,6 +215,18 @@ def test_classifier_is_trained_once_then_loaded_from_cache(tmp_path):
     cfg.seed = 1  # another setting → another cache entry
     assert classifier.load_or_train(cfg, subset, str(tmp_path)).meta["cached"] is False
     assert len(os.listdir(tmp_path / "classifier")) == 2
+    # A second run that trained the same classifier meanwhile keeps the first copy, and no
+    # staging directory is left behind (runs sharing a cache never see half a classifier).
+    cached_dir = str(tmp_path / "classifier" / classifier.fingerprint(cfg, subset))
+    before = open(os.path.join(cached_dir, "params.msgpack"), "rb").read()
+    classifier._write_cache(cached_dir, first)
+    assert open(os.path.join(cached_dir, "params.msgpack"), "rb").read() == before
+    assert len(os.listdir(tmp_path / "classifier")) == 2
+    os.remove(os.path.join(cached_dir, "meta.json"))  # a partial entry: named, not overwritten
+    with pytest.raises(OSError, match="exists without meta.json"):
+        classifier._write_cache(cached_dir, first)
+    assert len(os.listdir(tmp_path / "classifier")) == 2
+    shutil.rmtree(cached_dir)
 
     # A damaged cache is reported, not silently retrained over.
     cfg.seed = 0

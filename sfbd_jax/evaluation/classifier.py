@@ -15,6 +15,8 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import flax.linen as nn
@@ -164,11 +166,29 @@ def load_or_train(cfg, dataset: ImageDataset, cache_dir: str) -> Classifier:
         return Classifier(model, params, dict(meta, cached=True))
     classifier = train(cfg, dataset)
     if jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
-        tmp = params_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(serialization.to_bytes(jax.device_get(classifier.params)))
-        os.replace(tmp, params_path)
-        jsonfile.write_json(meta_path, classifier.meta)  # marks the cache valid
-        integrity.write_record(directory)
+        _write_cache(directory, classifier)
     return Classifier(classifier.model, classifier.params, dict(classifier.meta, cached=False))
+
+
+def _write_cache(directory: str, classifier: Classifier) -> None:
+    """Write the classifier into a private directory, then rename it into place in one step:
+    runs that share the cache (several seeds at once, parallel tests) never see a half-written
+    one; when another run got there first, its (identical) copy is kept."""
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
+    try:
+        with open(os.path.join(staging, "params.msgpack"), "wb") as f:
+            f.write(serialization.to_bytes(jax.device_get(classifier.params)))
+        jsonfile.write_json(os.path.join(staging, "meta.json"), classifier.meta)
+        integrity.write_record(staging)
+        try:
+            os.rename(staging, directory)
+        except OSError as err:
+            if not os.path.exists(os.path.join(directory, "meta.json")):
+                raise OSError(f"cannot cache the feature classifier in {directory}: it exists "
+                              "without meta.json (left by an interrupted run?); delete that "
+                              "directory") from err
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)

@@ -158,7 +158,7 @@ class Evaluator:
             stats.update(_class_stats(feats, self.reference.labels, self.reference.num_classes))
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".tmp.npz"
+            tmp = f"{path}.{os.getpid()}.tmp.npz"  # private: concurrent runs share the cache
             np.savez(tmp, **stats)
             os.replace(tmp, path)
             integrity.write_sidecar(path)
