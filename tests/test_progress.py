@@ -164,3 +164,18 @@ def test_evaluation_summary_fits_a_screen_and_names_what_each_metric_says():
     assert any("recall" in ln and "0.808" in ln and "diversity" in ln for ln in lines)
     assert "fid" not in text.lower().split("fréchet")[0]  # absent metrics are not shown
     assert lines[-1] == "  (1,000 samples, 5,000 reference images, 50 training images)"
+
+
+def test_the_first_line_of_a_phase_waits_for_a_real_rate():
+    """Steps are dispatched asynchronously: two updates a few milliseconds apart must not make
+    the line."""
+    clock, lines = FakeClock(), []
+    p = sfbd_like_plan(clock, lines)
+    p.begin("round1", done=0)
+    p.update(64)
+    clock.now += 0.005
+    p.update(128)
+    assert lines == []
+    clock.now += 30.0
+    p.update(700)
+    assert len(lines) == 1 and "21.2 images/s" in lines[0]  # (700 - 64) / 30.005 s

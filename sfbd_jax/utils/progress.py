@@ -82,7 +82,7 @@ class RunProgress:
         self._done = 0
         self._mark: tuple[float, int] | None = None  # (time, done) where rate measuring starts
         self._phase_start = self.start_time
-        self._last_report = -float("inf")
+        self._last_report = self.start_time
         self.last_line = ""
 
     # ----- the plan -----------------------------------------------------------------------
@@ -105,7 +105,9 @@ class RunProgress:
         self._index, self._done = self._find(name), int(done)
         self._phase_start = self.clock()
         self._mark = (self._phase_start, self._done) if timed_from_start else None
-        self._last_report = -float("inf")
+        # The first line comes every_secs into the phase: a rate over a few asynchronously
+        # dispatched steps would read far too high.
+        self._last_report = self._phase_start
 
     def update(self, done: int, *, force: bool = False) -> None:
         """``done`` images of the current phase are processed; report when due (or ``force``).
