@@ -164,6 +164,8 @@ def load_or_train(cfg, dataset: ImageDataset, cache_dir: str) -> Classifier:
         logging.info("Feature classifier from cache %s (held-out accuracy %.4f).", directory,
                      meta["test_accuracy"])
         return Classifier(model, params, dict(meta, cached=True))
+    logging.info("Training the feature classifier on %s (%d steps; once: it is cached in %s).",
+                 dataset.name, cfg.steps, directory)
     classifier = train(cfg, dataset)
     if jax.process_index() == 0:
         _write_cache(directory, classifier)

@@ -43,6 +43,7 @@ from sfbd_jax.evaluation import distances, features, neighbours
 from sfbd_jax.evaluation.training_sets import TrainingImages
 from sfbd_jax.utils import images as images_lib
 from sfbd_jax.utils import integrity, jsonfile
+from sfbd_jax.utils import progress as progress_lib
 
 _INCEPTION_METRICS = ("fid", "kid")
 _NEIGHBOUR_METRICS = ("memorisation", "precision_recall", "density_coverage")
@@ -325,6 +326,7 @@ class Evaluator:
         batch = self.config.eval.batch_size
         labels = experiment.sample_labels(num)
         out, start = [], time.time()
+        last_line = start
         for i, first in enumerate(range(0, num, batch)):
             count = min(batch, num - first)
             batch_labels = None if labels is None else labels[first:first + count]
@@ -334,9 +336,12 @@ class Evaluator:
                                          batch_labels)
             out.append(images[:count])
             done = first + count
-            if done == num or (i + 1) % 10 == 0:
-                logging.info("Evaluation: generated %d/%d images (%.1f images/s).", done, num,
-                             done / (time.time() - start))
+            now = time.time()
+            if done == num or now - last_line >= self.config.train.progress_every_secs:
+                rate = done / (now - start)
+                logging.info("Evaluation: generated %d/%d images (%.3g images/s, ETA %s).",
+                             done, num, rate, progress_lib.format_duration((num - done) / rate))
+                last_line = now
         samples = np.concatenate(out)
         generate_seconds, start = time.time() - start, time.time()
         result = self.evaluate(samples, labels, train, copies_path)
