@@ -91,9 +91,7 @@ class SFBDRun:
         cfg, b = self.config, self.config.train.batch_size
         rounds = cfg.sfbd.rounds
         evaluations, gradients = backward.cost_per_image(cfg, sigma_zeta)
-        sc = cfg.sampler
-        sample_cost = sampler_lib.num_evaluations(sampler_lib.karras_sigmas(
-            sc.num_steps, sc.sigma_min, sc.sigma_max, sc.rho))
+        sample_cost = sampler_lib.num_evaluations(self.experiment.sample_grid())
         Phase = progress_lib.Phase
 
         def metrics(k: int) -> list:

@@ -113,10 +113,14 @@ class Experiment:
                 s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
         return self._samplers[cache_key]
 
+    def sample_grid(self) -> np.ndarray:
+        """The σ grid of ``generate`` (config.sampler's Karras grid, decreasing, ending in 0)."""
+        cfg = self.config.sampler
+        return sampler_lib.karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+
     def generate(self, params, num: int, key: jax.Array, labels=None) -> np.ndarray:
         """``num`` samples from noise at σ_max, as a host array (num, H, W, C)."""
-        cfg = self.config.sampler
-        sigmas = sampler_lib.karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        sigmas = self.sample_grid()
         n_dev = self.mesh.devices.size
         padded = -(-num // n_dev) * n_dev
         k_noise, k_churn = jax.random.split(key)
