@@ -5,7 +5,10 @@ Choices the paper does not fix, made here: 512 images per refresh (one denoising
 48,000 noisy images are covered every 94 refreshes = 1,880 steps ≈ 0.96 M training images),
 the buffer weight ramped over the first 2,000 online steps, pretraining and total length from
 configs/paper.py's SFBD schedule (pretraining as mode 'sfbd' round 0; online training for the
-images round-based SFBD spends on its forward rounds).
+images round-based SFBD spends on its forward rounds). The refresh writes every denoised image
+(rule 'fixed'); the authors' default is adaptive: `--config.online.refresh_rule=adaptive
+--config.online.adaptive_features=inception --config.eval.inception_weights=PATH` is this
+project's reading of it (docs/METHODS.md).
 Needs CIFAR-10 prepared for tfds (`tfds build cifar10 --data_dir DIR`, then
 --config.data.data_dir=DIR).
 """

@@ -111,6 +111,18 @@ def get_config() -> ml_collections.ConfigDict:
     # config.eval metrics (with eval.round_num_samples > 0) and a sample grid every this many
     # online steps; 0 = only at the end of pretraining and at the end.
     c.online.eval_every_steps = 0
+    # How much of each refresh is written to the buffer. 'fixed': every denoised image (the
+    # default here: deterministic). 'adaptive' (the authors' default, our reading of it): the
+    # refresh's candidates replace the entries they would overwrite only in proportion to how
+    # much closer they are to the clean subset: q = clip((KID_old − KID_new)/KID_old, 0, 1),
+    # KID (unbiased polynomial-kernel MMD²) of the replaced entries and of the candidates
+    # against the clean subset in adaptive_features; a seeded q-share of the previously
+    # denoised rows is committed; rows never denoised are always committed.
+    c.online.refresh_rule = "fixed"
+    # Features of the adaptive KID: 'pixels' (flattened images) or 'inception' (needs
+    # eval.inception_weights). Not the evaluation classifier: it is trained on the
+    # evaluation-only originals, which training must not see.
+    c.online.adaptive_features = "pixels"
 
     # Ambient Diffusion Omni (config.mode = 'ambient'): clean ∪ low-quality images from
     # config.corrupt (a corruption of the library, or type 'folder'), each low-quality image

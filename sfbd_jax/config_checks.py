@@ -283,6 +283,21 @@ def check_online(config) -> None:
                          f"{o.ramp_start} >= 0 (online steps)")
     if not 0.0 <= o.clean_share < 1.0:
         raise ValueError(f"config.online.clean_share must lie in [0, 1), got {o.clean_share}")
+    if o.refresh_rule not in ("fixed", "adaptive"):
+        raise ValueError(f"config.online.refresh_rule must be 'fixed' or 'adaptive', got "
+                         f"{o.refresh_rule!r}")
+    if o.adaptive_features not in ("pixels", "inception"):
+        raise ValueError("config.online.adaptive_features must be 'pixels' or 'inception', got "
+                         f"{o.adaptive_features!r}")
+    if (o.refresh_rule == "adaptive" and o.adaptive_features == "inception"
+            and not config.eval.inception_weights):
+        raise ValueError("config.online.adaptive_features='inception' needs "
+                         "config.eval.inception_weights (the converted FID Inception weights)")
+    if o.refresh_rule == "adaptive" and noisy is not None:
+        clean = source_size(config.data) - noisy
+        if clean < 2:
+            raise ValueError("config.online.refresh_rule='adaptive' compares with the clean "
+                             f"subset by KID, which needs at least 2 clean images ({clean})")
     if o.train_images < t.batch_size * t.steps_per_dispatch:
         raise ValueError("config.online.train_images must be at least one dispatch of "
                          f"config.train.batch_size images ({t.batch_size * t.steps_per_dispatch})")

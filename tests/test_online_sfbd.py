@@ -3,6 +3,7 @@ flow, resume after kills (bit-identical), bad inputs."""
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ from sfbd_jax.config_checks import validate_config
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.diffusion import sampler as sampler_lib
+from sfbd_jax.evaluation import distances
 from sfbd_jax.methods import online_sfbd as online
 from sfbd_jax.run import run
 from sfbd_jax.utils import checkpoints, devices, jsonfile
@@ -190,6 +192,159 @@ def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder,
         run(config, workdir)
 
 
+# ----- the adaptive refresh --------------------------------------------------------------------
+def test_adaptive_commit_fraction_and_choice():
+    assert online.commit_fraction(0.4, 0.1) == pytest.approx(0.75)  # KID down by 3/4
+    assert online.commit_fraction(0.4, 0.5) == 0.0  # no closer: nothing replaced
+    assert online.commit_fraction(0.4, 0.4) == 0.0
+    assert online.commit_fraction(0.4, -0.3) == 1.0
+    assert online.commit_fraction(-0.01, -0.02) == 1.0  # closer still though KID_old ≤ 0
+    before = np.array([True, False, True, True, True, False, True])
+    mask = online.committed_positions(before, 0.6, seed=0, j=3)
+    assert mask[~before].all() and mask[before].sum() == 3  # round(0.6 · 5)
+    assert np.array_equal(mask, online.committed_positions(before, 0.6, seed=0, j=3))
+    choices = {tuple(online.committed_positions(before, 0.6, 0, j)) for j in range(10)}
+    assert len(choices) > 1  # seeded per refresh
+    assert online.committed_positions(before, 0.0, 0, 0).sum() == 2
+    assert online.committed_positions(before, 1.0, 0, 0).all()
+
+
+def test_adaptive_features_pixels_or_the_fid_inception(monkeypatch):
+    """Pixels: the flattened images; 'inception': the evaluation's FID Inception extractor
+    (its weights and batch from config.eval), built once."""
+    from configs import default
+
+    r = object.__new__(online.OnlineSFBDRun)
+    r.config, r.experiment = default.get_config(), types.SimpleNamespace(mesh="mesh")
+    images = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1) / 32
+    np.testing.assert_array_equal(r._adaptive_features(images), images.reshape(2, 16))
+    built = []
+
+    def extractor(path, mesh, batch_size):
+        built.append((path, mesh, batch_size))
+        return types.SimpleNamespace(features=lambda x: x.mean(axis=(1, 2)))
+
+    monkeypatch.setattr(online.features_lib, "inception_extractor", extractor)
+    r.config.online.adaptive_features = "inception"
+    r.config.eval.inception_weights, r.config.eval.batch_size = "/w/inception.npz", 16
+    for _ in range(2):
+        np.testing.assert_array_equal(r._adaptive_features(images), images.mean(axis=(1, 2)))
+    assert built == [("/w/inception.npz", "mesh", 16)]
+
+
+def _records(workdir):
+    names = sorted(n for n in os.listdir(f"{workdir}/online") if n.endswith(".json")
+                   and n.startswith("refresh_"))
+    return {int(n[8:16]): jsonfile.read_json(f"{workdir}/online/{n}", None) for n in names}
+
+
+def test_adaptive_refresh_committing_all_is_the_fixed_rule(tmp_path, image_folder,
+                                                           monkeypatch):
+    """q = 1 every time: the same parameters and buffer files as the fixed rule, bit for bit;
+    q = 0: only rows never denoised are written (coverage as the fixed rule)."""
+    fixed = run(online_config(image_folder), str(tmp_path / "fixed"))
+    monkeypatch.setattr(online, "commit_fraction", lambda old, new: 1.0)
+    everything = run(online_config(image_folder, refresh_rule="adaptive"),
+                     str(tmp_path / "all"))
+    for a, b in zip(jax.tree.leaves(everything), jax.tree.leaves(fixed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for j in range(3):
+        np.testing.assert_array_equal(np.load(f"{tmp_path}/all/online/refresh_{j:08d}.npy"),
+                                      np.load(f"{tmp_path}/fixed/online/refresh_{j:08d}.npy"))
+    # The KIDs it recorded: refresh 2's 2 candidates seen before (pixels, clipped) and the
+    # entries refresh 0 gave them, each against the clean subset.
+    record = _records(tmp_path / "all")[2]
+    rows = np.asarray(record["committed_rows"])
+    first = _records(tmp_path / "all")[0]["committed_rows"]
+    seen = np.isin(rows, first)
+    assert record["candidates_seen_before"] == seen.sum() == 2
+    clean = PreparedDataset(f"{tmp_path}/all/data").clean().images.reshape(8, -1)
+    old = np.load(f"{tmp_path}/all/online/refresh_{0:08d}.npy")[
+        [first.index(r) for r in rows[seen]]]
+    new = np.load(f"{tmp_path}/all/online/refresh_{2:08d}.npy")[seen]
+    flat = lambda x: np.clip(x, -1, 1).reshape(len(x), -1)
+    assert record["kid_replaced"] == pytest.approx(
+        distances.mmd2_unbiased(flat(old), clean), rel=1e-12)
+    assert record["kid_candidates"] == pytest.approx(
+        distances.mmd2_unbiased(flat(new), clean), rel=1e-12)
+    monkeypatch.setattr(online, "commit_fraction", lambda old, new: 0.0)
+    run(online_config(image_folder, refresh_rule="adaptive"), str(tmp_path / "none"))
+    records = _records(tmp_path / "none")
+    # 13 noisy, 5 per refresh: refreshes 0 and 1 meet only new rows; refresh 2 meets 3 new
+    # rows and 2 denoised by refresh 0, which stay as they were.
+    assert [records[j]["committed"] for j in range(3)] == [5, 5, 3]
+    assert records[2]["candidates_seen_before"] == 2
+    assert records[2]["commit_fraction"] == 0.0
+    assert np.isfinite(records[2]["kid_replaced"]) and np.isfinite(records[2]["kid_candidates"])
+    seen = set(records[0]["committed_rows"]) | set(records[1]["committed_rows"])
+    assert not seen & set(records[2]["committed_rows"])
+    assert len(seen | set(records[2]["committed_rows"])) == 13  # coverage: every row
+
+
+def test_adaptive_refresh_resumes_bit_identically(
+        tmp_path, image_folder, monkeypatch):
+    """A seeded half committed (q = 0.5) over two cycles with pruning, killed inside a
+    refresh and after one: bit-identical."""
+    monkeypatch.setattr(online, "commit_fraction", lambda old, new: 0.5)
+    long = online_config(image_folder, refresh_rule="adaptive", train_images=96)  # 6 refreshes
+    straight = run(long, str(tmp_path / "straight"))
+    records = _records(tmp_path / "straight")
+    # Refresh 2: 3 new rows + 1 of 2; refreshes 3-5 meet 5 denoised rows each, commit 3.
+    assert [records[j]["committed"] for j in (2, 3, 4, 5)] == [4, 3, 3, 3]
+    workdir = str(tmp_path / "killed")
+    real_refresh, real_write = online.OnlineSFBDRun._refresh, jsonfile.write_json
+
+    def kill_in_refresh(path, value):
+        if path.endswith(f"refresh_{4:08d}.json"):
+            raise KeyboardInterrupt("killed inside a refresh")
+        real_write(path, value)
+
+    def kill_after_refresh(self, j, state):
+        real_refresh(self, j, state)
+        if j == 5:
+            raise KeyboardInterrupt("killed after a refresh")
+
+    for patch in ((jsonfile, "write_json", kill_in_refresh),
+                  (online.OnlineSFBDRun, "_refresh", kill_after_refresh)):
+        with monkeypatch.context() as m:
+            m.setattr(*patch)
+            with pytest.raises(KeyboardInterrupt):
+                run(long, workdir)
+    resumed = run(long, workdir)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _records(workdir) == records
+
+
+def test_buffer_rebuild_takes_each_entry_from_its_latest_commit(tmp_path):
+    """With partial commits the buffer is not the last cycle of refreshes: the rebuild walks
+    back to each row's latest commit, and pruning keeps exactly the files that hold one."""
+    from configs import default
+
+    r = object.__new__(online.OnlineSFBDRun)
+    r.refresh_dir, r._records, r.order, r.noisy = str(tmp_path), {}, np.arange(6), np.zeros(6)
+    r.config, r.pretrain_steps = default.get_config(), 0
+    r.config.online.refresh_count, r.config.online.refresh_every_steps = 3, 1
+    commits = {0: [0, 1, 2], 1: [3, 4, 5], 2: [0, 1], 3: [3, 4, 5], 4: [2]}
+    for j, rows in commits.items():
+        jsonfile.write_json(f"{tmp_path}/refresh_{j:08d}.json", {"committed_rows": rows})
+        np.save(f"{tmp_path}/refresh_{j:08d}.npy", np.zeros(len(rows)))
+    plan = {j: list(p) for j, p in r._latest_commits(5).items()}
+    assert plan == {4: [0], 3: [0, 1, 2], 2: [0, 1]}
+    # Before refresh 4, row 2's latest commit is refresh 0 (older than refresh 1, not needed).
+    assert sorted(r._latest_commits(4)) == [0, 2, 3]
+    assert list(r._latest_commits(2)) == [1, 0]
+    r.ckpt = types.SimpleNamespace(all_steps=lambda: [4, 5])  # oldest kept: 4 refreshes made
+    r._prune()
+    assert sorted(int(n[8:16]) for n in os.listdir(tmp_path) if n.endswith(".json")) == [
+        0, 2, 3, 4]
+    assert sorted(r._latest_commits(5)) == [2, 3, 4]  # the pruned file is not needed
+    os.remove(f"{tmp_path}/refresh_{0:08d}.json")  # a needed record lost
+    r._records.clear()
+    with pytest.raises(FileNotFoundError, match=r"1 buffer entries .*refresh_00000000.json"):
+        r._latest_commits(4)
+
+
 # ----- bad input -------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
     ({"refresh_count": 14}, "larger than the noisy set"),
@@ -198,6 +353,9 @@ def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder,
     ({"clean_share": 1.0}, "clean_share"),
     ({"eval_every_steps": -2}, "eval_every_steps"),
     ({"denoise_with": "live"}, "denoise_with"),
+    ({"refresh_rule": "kid"}, "refresh_rule"),
+    ({"refresh_rule": "adaptive", "adaptive_features": "classifier"}, "adaptive_features"),
+    ({"refresh_rule": "adaptive", "adaptive_features": "inception"}, "inception_weights"),
 ])
 def test_bad_online_settings_are_refused_before_training(image_folder, change, message):
     with pytest.raises(ValueError, match=message):

@@ -77,7 +77,10 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray,
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_sqrt)
 
 
-def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD² of (m, D) and (n, D) feature sets (m, n ≥ 2) under KID's kernel
+    k(a, b) = (a·b/D + 1)³; can be slightly negative when the sets match."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     d = x.shape[1]
     kxx = (x @ x.T / d + 1.0) ** 3
     kyy = (y @ y.T / d + 1.0) ** 3
@@ -101,7 +104,7 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, *,
     if size < 2:
         raise ValueError("KID needs at least 2 feature vectors in each set")
     rng = np.random.default_rng(seed)
-    values = [_mmd2_unbiased(f1[rng.choice(len(f1), size, replace=False)],
+    values = [mmd2_unbiased(f1[rng.choice(len(f1), size, replace=False)],
                              f2[rng.choice(len(f2), size, replace=False)])
               for _ in range(num_subsets)]
     return float(np.mean(values)), float(np.std(values))

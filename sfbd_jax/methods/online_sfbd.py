@@ -15,20 +15,31 @@ the clean subset ∪ a *denoised buffer* holding one entry per noisy image:
   all drawn uniformly with replacement from a generator seeded by (seed, step); w ramps
   linearly from 0 at online step ``ramp_start`` to 1 at ``ramp_end`` (w = 1: uniform over
   clean ∪ buffer, as round-based SFBD). ``online.clean_share`` > 0 makes the buffer share
-  w·(1 − clean_share) instead. Training sees denoised images clipped to [-1, 1], as SFBD.
+  w·(1 − clean_share) instead. Training sees denoised images clipped to [-1, 1], as SFBD;
+- ``online.refresh_rule``: 'fixed' writes every denoised image of a refresh. 'adaptive' treats
+  them as candidates: of the k candidates whose rows were denoised before, a share
+  q = clip((KID_old − KID_new) / KID_old, 0, 1) is written (a seeded choice of round(q·k)),
+  KID_old / KID_new the unbiased MMD² (KID's cubic kernel, all rows, no subsets) of the
+  entries they would replace / of the candidates against the clean subset, in
+  ``online.adaptive_features`` (pixels or Inception); candidates for rows never denoised are
+  always written (so coverage is the fixed rule's), and so are all when k < 2.
 
 Run directory (beside the usual checkpoints/, samples/, eval/):
-    online/refresh_<j>.npy  refresh j's denoised images (c, H, W, C), unclipped
-    online/refresh_<j>.json its step, rows and sha256 (written last: the refresh is complete)
+    online/refresh_<j>.npy  refresh j's committed denoised images (≤ c, H, W, C), unclipped
+    online/refresh_<j>.json its step, committed rows (noisy-set indices), sha256 and, for the
+                            adaptive rule, its KIDs and q (written last: the refresh is
+                            complete)
     online/settings.json    what the refreshes depend on; a resumed run must match it
     online_summary.json     metrics at the end of pretraining, every online.eval_every_steps
                             and at the end
 
 The buffer is held in host memory (N images; 50,000 CIFAR-10 images: 0.6 GB) and is a function
 of the refreshes made before the current step, so it is not checkpointed: a resumed run rebuilds
-it from the last ⌈N/c⌉ refresh files before its checkpoint's step (files made after that step
-are dropped and recomputed identically), which makes a killed run end bit-identical to an
-uninterrupted one. Files no retained checkpoint can need are deleted as training goes on.
+it from the refresh files before its checkpoint's step, taking each entry from the latest
+refresh that committed it (one cycle of ⌈N/c⌉ files under the fixed rule; files made after that
+step are dropped and recomputed identically), which makes a killed run end bit-identical to an
+uninterrupted one. Files no retained checkpoint can need (every row they committed was committed
+again before the oldest retained checkpoint) are deleted as training goes on.
 """
 
 from __future__ import annotations
@@ -48,8 +59,9 @@ from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.eval_only import load_clean_originals
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
-from sfbd_jax.evaluation import denoising, training_sets
+from sfbd_jax.evaluation import denoising, distances, training_sets
 from sfbd_jax.evaluation import evaluator as evaluator_lib
+from sfbd_jax.evaluation import features as features_lib
 from sfbd_jax.methods import backward
 from sfbd_jax.methods.sfbd import phase_steps
 from sfbd_jax.training import loop
@@ -58,7 +70,7 @@ from sfbd_jax.utils import checkpoints, devices, integrity, jsonfile
 from sfbd_jax.utils import progress as progress_lib
 
 SUMMARY = "online_summary.json"
-_ORDER_STREAM, _BATCH_STREAM, _REFRESH_STREAM = 4099, 31337, 2_000_003
+_ORDER_STREAM, _BATCH_STREAM, _REFRESH_STREAM, _COMMIT_STREAM = 4099, 31337, 2_000_003, 7727
 
 
 # ----- the schedule: pure functions of the config --------------------------------------------
@@ -102,6 +114,30 @@ def buffer_probability(weight: float, num_covered: int, num_clean: int,
     if clean_share > 0.0:
         return weight * (1.0 - clean_share)
     return weight * num_covered / (num_clean + weight * num_covered)
+
+
+def commit_fraction(kid_replaced: float, kid_candidates: float) -> float:
+    """q ∈ [0, 1] of the adaptive rule: the candidates' relative KID improvement over the
+    entries they would replace, (KID_old − KID_new) / KID_old clipped to [0, 1]; 0 when the
+    candidates are no closer, 1 when they are closer and KID_old ≤ 0 (estimator noise)."""
+    gain = kid_replaced - kid_candidates
+    if not gain > 0.0:
+        return 0.0
+    if kid_replaced <= 0.0:
+        return 1.0
+    return min(1.0, gain / kid_replaced)
+
+
+def committed_positions(previously_denoised: np.ndarray, q: float, seed: int,
+                        j: int) -> np.ndarray:
+    """Bool (c,): which of refresh j's c candidates are written — all whose rows were never
+    denoised (``previously_denoised`` False), and round(q·k) (halves up) of the k others, the
+    first of a permutation seeded by (seed, j)."""
+    mask = ~np.asarray(previously_denoised, bool)
+    before = np.flatnonzero(previously_denoised)
+    take = math.floor(q * len(before) + 0.5)
+    mask[np.random.default_rng([seed, _COMMIT_STREAM, j]).permutation(before)[:take]] = True
+    return mask
 
 
 class OnlineBatches(pipeline.TrainBatches):
@@ -180,6 +216,7 @@ class OnlineSFBDRun:
         self.union = union
         self.raw = np.zeros((len(noisy), *clean.images.shape[1:]), np.float32)
         self.last_refresh_step = np.full(len(noisy), -1, np.int64)
+        self._records: dict[int, dict] = {}  # refresh j → its record (committed rows, …)
         self._sample = self._make_sampler()
         self.refresh_seconds = 0.0  # this process's time in refreshes (not kept across resumes)
         self._check_settings()
@@ -250,6 +287,9 @@ class OnlineSFBDRun:
                 "backward_churn": c.sfbd.backward_churn,
                 "denoise_batch_size": c.sfbd.denoise_batch_size,
                 "denoise_with": c.online.denoise_with,
+                **({"refresh_rule": "adaptive",
+                    "adaptive_features": c.online.adaptive_features}
+                   if c.online.refresh_rule == "adaptive" else {}),
                 "noisy_shards": prepare_lib.shards_digest(
                     prepare_lib.read_manifest(self.data_dir), ("noisy",))}
 
@@ -271,7 +311,8 @@ class OnlineSFBDRun:
 
     def _refresh(self, j: int, state: TrainState) -> None:
         """Refresh j: denoise its rows with ``state``'s EMA (or live, ``online.denoise_with``)
-        parameters; write the file, then its record; update the buffer."""
+        parameters; choose what to commit (``online.refresh_rule``); write the committed
+        images, then their record; update the buffer."""
         start = time.perf_counter()
         oc = self.config.online
         rows = refresh_rows(self.order, j, oc.refresh_count)
@@ -290,57 +331,136 @@ class OnlineSFBDRun:
                 f"online SFBD refresh {j} (step {int(state.step)}) produced NaN or infinite "
                 f"images for {bad.size} noisy row(s) ({', '.join(map(str, rows[bad][:10]))}); "
                 "the model has diverged: check the training loss")
+        decision: dict = {}
+        commit = np.ones(len(rows), bool)
+        if oc.refresh_rule == "adaptive":
+            commit, decision = self._adaptive_commit(j, rows, denoised)
+        rows, denoised = rows[commit], denoised[commit]
+        record = {"refresh": j, "step": int(state.step), "committed_rows": rows.tolist(),
+                  **decision}
         if jax.process_index() == 0:
             path = self._path(j)
             entry = shards.write_shard(self.refresh_dir, os.path.basename(path) + ".npy.tmp",
                                        denoised)
             os.replace(path + ".npy.tmp", path + ".npy")
-            jsonfile.write_json(path + ".json", {"refresh": j, "step": int(state.step),
-                                                 "rows": entry["rows"],
+            jsonfile.write_json(path + ".json", {**record, "rows": entry["rows"],
                                                  "sha256": entry["sha256"]})
-        self._apply(j, rows, denoised, int(state.step))
+        self._records[j] = record
+        self._apply(rows, denoised, int(state.step))
         seconds = time.perf_counter() - start
         self.refresh_seconds += seconds
+        if decision:
+            self.writer.write_scalars(int(state.step), {
+                f"online/{k}": float(v) for k, v in decision.items()})
         logging.info("Online SFBD refresh %d (step %d): %d images in %.1f s (%.0f network "
-                     "evaluations/s).", j, int(state.step), len(rows), seconds,
-                     len(rows) * self.evaluations_per_image / max(seconds, 1e-9))
+                     "evaluations/s)%s.", j, int(state.step), oc.refresh_count, seconds,
+                     oc.refresh_count * self.evaluations_per_image / max(seconds, 1e-9),
+                     f"; committed {len(rows)}: {decision}" if decision else "")
 
-    def _apply(self, j: int, rows: np.ndarray, denoised: np.ndarray, step: int) -> None:
+    def _adaptive_commit(self, j: int, rows: np.ndarray,
+                         denoised: np.ndarray) -> tuple[np.ndarray, dict]:
+        """The adaptive rule (module docstring): which candidates to commit, and the numbers
+        behind the choice."""
+        before = self.last_refresh_step[rows] >= 0
+        decision = {"candidates_seen_before": int(before.sum())}
+        q = 1.0
+        if before.sum() >= 2:
+            clean = self._adaptive_clean_features()
+            kid_new = distances.mmd2_unbiased(
+                self._adaptive_features(np.clip(denoised[before], -1.0, 1.0)), clean)
+            kid_old = distances.mmd2_unbiased(
+                self._adaptive_features(self.union[self.num_clean + rows[before]]), clean)
+            q = commit_fraction(kid_old, kid_new)
+            decision.update(kid_replaced=kid_old, kid_candidates=kid_new)
+        commit = committed_positions(before, q, self.config.seed, j)
+        decision.update(commit_fraction=q, committed=int(commit.sum()))
+        return commit, decision
+
+    def _adaptive_features(self, images: np.ndarray) -> np.ndarray:
+        """(n, D) features of images in [-1, 1] for the adaptive rule's KID."""
+        if self.config.online.adaptive_features == "pixels":
+            return images.reshape(len(images), -1)
+        if not hasattr(self, "_inception"):
+            ec = self.config.eval
+            self._inception = features_lib.inception_extractor(
+                ec.inception_weights, self.experiment.mesh, ec.batch_size)
+        return self._inception.features(images)
+
+    def _adaptive_clean_features(self) -> np.ndarray:
+        if not hasattr(self, "_clean_features"):
+            self._clean_features = self._adaptive_features(self.union[: self.num_clean])
+        return self._clean_features
+
+    def _apply(self, rows: np.ndarray, denoised: np.ndarray, step: int) -> None:
         self.raw[rows] = denoised
         self.union[self.num_clean + rows] = np.clip(denoised, -1.0, 1.0)
         self.last_refresh_step[rows] = step
 
-    def _needed_refreshes(self, step: int) -> range:
-        """Refreshes the buffer as it was before training step ``step`` is made of: those made
-        before it, of which the last ⌈N/c⌉ (one cycle) cover every entry."""
+    def _record(self, j: int) -> dict | None:
+        """Refresh j's record (cached), None when its file is absent."""
+        if j not in self._records:
+            record = jsonfile.read_json(self._path(j) + ".json", None)
+            if record is None:
+                return None
+            if "committed_rows" not in record:  # runs made before the adaptive rule existed
+                record["committed_rows"] = refresh_rows(
+                    self.order, j, self.config.online.refresh_count).tolist()
+            self._records[j] = record
+        return self._records[j]
+
+    def _latest_commits(self, made: int) -> dict[int, np.ndarray]:
+        """The buffer after the first ``made`` refreshes, as {refresh j: positions in j's file
+        of the rows whose latest commit is j}. Walks back from refresh made − 1 until every
+        covered row (the first covered(made) positions of the order: every refresh commits the
+        rows never denoised) is found; a missing file is skipped (pruned, every row it
+        committed was committed again later), unless a row then stays unfound."""
         oc = self.config.online
-        made = refreshes_before(step - self.pretrain_steps, oc.refresh_every_steps)
-        return range(max(0, made - math.ceil(len(self.noisy) / oc.refresh_count)), made)
+        remaining = covered(made, oc.refresh_count, len(self.noisy))
+        found = np.zeros(len(self.noisy), bool)
+        plan, missing = {}, []
+        for j in range(made - 1, -1, -1):
+            if remaining == 0:
+                break
+            record = self._record(j)
+            if record is None:
+                missing.append(j)
+                continue
+            rows = np.asarray(record["committed_rows"], np.int64)
+            fresh = ~found[rows]
+            if fresh.any():
+                plan[j] = np.flatnonzero(fresh)
+                found[rows[fresh]] = True
+                remaining -= int(fresh.sum())
+        if remaining:
+            names = ", ".join(os.path.basename(self._path(j)) + ".json" for j in missing[:5])
+            raise FileNotFoundError(
+                f"online SFBD: {remaining} buffer entries after {made} refreshes are in no "
+                f"refresh file in {self.refresh_dir} (missing: {names}); refresh files must "
+                "stay beside the checkpoints")
+        return plan
 
     def _rebuild_buffer(self, step: int) -> None:
         """The buffer as it was before training step ``step``: its refresh files, verified;
         later ones are removed (they are redone)."""
         oc = self.config.online
-        needed = self._needed_refreshes(step)
+        made = refreshes_before(step - self.pretrain_steps, oc.refresh_every_steps)
         devices.sync_processes(f"online-rebuild:{step}")
-        for j in needed:
-            path = self._path(j)
-            record = jsonfile.read_json(path + ".json", None)
-            if record is None:
-                raise FileNotFoundError(
-                    f"online SFBD: {path}.json is missing, so the buffer at step {step} cannot "
-                    "be rebuilt (refresh files must stay beside the checkpoints)")
+        self._records.clear()  # read from the files, with their digests
+        plan = self._latest_commits(made)
+        for j in sorted(plan):
+            path, record = self._path(j), self._records[j]
             entry = {"file": os.path.basename(path) + ".npy", "rows": record["rows"],
                      "sha256": record["sha256"]}
             shards.verify_shard(self.refresh_dir, entry)
-            self._apply(j, refresh_rows(self.order, j, oc.refresh_count),
-                        np.load(path + ".npy"), record["step"])
-        if needed:
-            logging.info("Online SFBD: buffer rebuilt from refreshes %d..%d (step %d).",
-                         needed.start, needed.stop - 1, step)
+            positions = plan[j]
+            rows = np.asarray(record["committed_rows"], np.int64)[positions]
+            self._apply(rows, np.load(path + ".npy")[positions], record["step"])
+        if plan:
+            logging.info("Online SFBD: buffer rebuilt from %d refresh files, %d..%d (step %d).",
+                         len(plan), min(plan), max(plan), step)
         devices.sync_processes(f"online-rebuilt:{step}")
         if jax.process_index() == 0:
-            self._remove_refreshes(lambda j: j >= needed.stop)
+            self._remove_refreshes(lambda j: j >= made)
 
     def _remove_refreshes(self, which) -> None:
         if not os.path.isdir(self.refresh_dir):
@@ -350,16 +470,20 @@ class OnlineSFBDRun:
                 j = int(name[len("refresh_"):-len(".json")])
                 if which(j):
                     os.remove(os.path.join(self.refresh_dir, name))  # the record first
+                    self._records.pop(j, None)
                     npy = self._path(j) + ".npy"
                     if os.path.exists(npy):
                         os.remove(npy)
 
     def _prune(self) -> None:
-        """Delete refresh files that no retained checkpoint can need."""
+        """Delete refresh files that no retained checkpoint can need: those before the oldest
+        retained checkpoint's refreshes that hold none of its buffer's entries."""
         steps = [s for s in self.ckpt.all_steps() if s >= self.pretrain_steps]
         if steps:
-            keep_from = self._needed_refreshes(min(steps)).start
-            self._remove_refreshes(lambda j: j < keep_from)
+            made = refreshes_before(min(steps) - self.pretrain_steps,
+                                    self.config.online.refresh_every_steps)
+            needed = self._latest_commits(made)
+            self._remove_refreshes(lambda j: j < made and j not in needed)
 
     def _before_dispatch(self, step: int, state: TrainState) -> None:
         oc, tc = self.config.online, self.config.train
