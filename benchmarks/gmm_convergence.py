@@ -5,6 +5,8 @@ and online SFBD beside it at equal compute (training steps + denoising evaluatio
     python benchmarks/gmm_convergence.py --variant 16d --out runs/gmm16d
     python benchmarks/gmm_convergence.py --out runs/gmm_online \
         --table runs/gmm_online/seed*/gmm_2d.json          # mean ± 95% interval over seeds
+    python benchmarks/gmm_convergence.py --variant 2d --out runs/gmm_rules --seed 0 \
+        --online_rules fixed,adaptive                      # online SFBD's two refresh rules
 
 The settings live in configs/gmm_convergence.py. Data are vectors stored as (N, 1, 1, D)
 "images", so the package's EDM loss, preconditioning and Heun sampler run unchanged with a
@@ -190,8 +192,9 @@ def run(cfg, out: str, variant: str) -> dict:
         print(f"[gmm {variant}] round {k}: swd {row['swd']:.4f}, frechet {row['frechet']:.4f}, "
               f"mean log p_data {row['mean_log_density']:.3f} ({time.time() - start:.0f} s)",
               flush=True)
-    rows += run_online(cfg, trainer, *pretrained, clean, noisy, originals, reference, means,
-                       std, key, scatter, variant, start)
+    for rule in cfg.online_refresh_rules:
+        rows += run_online(cfg, trainer, *pretrained, clean, noisy, originals, reference,
+                           means, std, key, scatter, variant, start, rule)
     result = {"variant": variant, "config": cfg.to_dict(), "rows": rows,
               "seconds": time.time() - start}
     os.makedirs(out, exist_ok=True)
@@ -202,12 +205,13 @@ def run(cfg, out: str, variant: str) -> dict:
 
 
 def run_online(cfg, trainer, params, opt_state, clean, noisy, originals, reference, means,
-               std, key, scatter, variant, start) -> list[dict]:
+               std, key, scatter, variant, start, rule: str = "fixed") -> list[dict]:
     """Online SFBD from the same pretrained model at SFBD's compute: ``rounds`` × round_steps
     steps with a refresh of ⌈N/2⌉ noisy samples every round_steps/2 steps (so after k rounds'
     worth of steps it has spent SFBD's k backward passes), the buffer weight ramped over the
-    first round_steps; the schedule and mixture of sfbd_jax.methods.online_sfbd. Evaluated at
-    SFBD's round ends."""
+    first round_steps; the schedule, mixture and refresh ``rule`` ('fixed' or 'adaptive': a
+    KID-set share of the candidates committed, the samples' coordinates as features) of
+    sfbd_jax.methods.online_sfbd. Evaluated at SFBD's round ends."""
     from sfbd_jax.methods import online_sfbd as online
 
     n, b = len(noisy), cfg.train.batch_size
@@ -216,11 +220,24 @@ def run_online(cfg, trainer, params, opt_state, clean, noisy, originals, referen
     buffer = np.zeros_like(noisy)
     rng = np.random.default_rng([cfg.seed, 77])
     train_key = jax.random.fold_in(key, 5000)
-    rows, losses = [], []
+    rows, losses, fractions = [], [], []
+    seen = np.zeros(n, bool)
     for u in range(cfg.rounds * cfg.train.round_steps):
         if u % every == 0:
             rows_j = online.refresh_rows(order, u // every, count)
-            buffer[rows_j] = trainer.denoise_set(params, noisy[rows_j])
+            candidates = trainer.denoise_set(params, noisy[rows_j])
+            commit = np.ones(len(rows_j), bool)
+            if rule == "adaptive":
+                before = seen[rows_j]
+                q = 1.0
+                if before.sum() >= 2:
+                    q = online.commit_fraction(
+                        distances.mmd2_unbiased(buffer[rows_j[before]], clean),
+                        distances.mmd2_unbiased(candidates[before], clean))
+                    fractions.append(q)
+                commit = online.committed_positions(before, q, cfg.seed, u // every)
+            buffer[rows_j[commit]] = candidates[commit]
+            seen[rows_j] = True
         covered = online.covered(u // every + 1, count, n)
         p = online.buffer_probability(online.buffer_weight(u, 0, cfg.train.round_steps),
                                       covered, len(clean), 0.0)
@@ -234,14 +251,17 @@ def run_online(cfg, trainer, params, opt_state, clean, noisy, originals, referen
             k = (u + 1) // cfg.train.round_steps
             samples = trainer.generate(params, cfg.eval_samples,
                                        jax.random.fold_in(key, 1000 + k))
-            scatter[f"online {k}"] = samples
+            scatter[f"online {k}" + ("" if rule == "fixed" else f" ({rule})")] = samples
             done = order[:covered]
-            row = dict(what=f"online SFBD at round {k}'s compute", online_round=k,
+            row = dict(what=f"online SFBD ({rule} refresh) at round {k}'s compute",
+                       online_round=k, online_rule=rule,
                        train_loss=float(np.mean(losses[-100:])),
                        buffer_mse=float(np.mean((buffer[done] - originals[done]) ** 2)),
                        **distance_row(samples, reference, means, std, cfg))
+            if rule == "adaptive":  # q of the refreshes so far that met denoised samples
+                row["commit_fractions"] = list(fractions)
             rows.append(row)
-            print(f"[gmm {variant}] online at round {k}: swd {row['swd']:.4f}, frechet "
+            print(f"[gmm {variant}] online ({rule}) at round {k}: swd {row['swd']:.4f}, frechet "
                   f"{row['frechet']:.4f}, mean log p_data {row['mean_log_density']:.3f} "
                   f"({time.time() - start:.0f} s)", flush=True)
     return rows
@@ -260,10 +280,12 @@ def plot(result, scatter, cfg, out, variant) -> None:
                               ("sliced W₁ to p_data ↓", "Fréchet (moments) to p_data ↓",
                                "mean log p_data(samples) ↑"), strict=True):
         ax.plot([r["round"] for r in rounds], [r[key] for r in rounds], "o-", label="SFBD")
-        on = [r for r in rows if "online_round" in r]
-        if on:
-            ax.plot([r["online_round"] for r in on], [r[key] for r in on], "s--",
-                    label="online SFBD (same compute)")
+        for rule, style in (("fixed", "s--"), ("adaptive", "^:")):
+            on = [r for r in rows if "online_round" in r
+                  and r.get("online_rule", "fixed") == rule]
+            if on:
+                ax.plot([r["online_round"] for r in on], [r[key] for r in on], style,
+                        label=f"online SFBD, {rule} refresh (same compute)")
         for r, style in zip(rows[:3], ("g--", "k-.", "r:"), strict=True):
             ax.axhline(r[key], color=style[0], linestyle=style[1:], label=r["what"])
         ax.set_xlabel("round k, or online SFBD at round k's compute (0 = pretrained)")
@@ -294,8 +316,9 @@ def plot(result, scatter, cfg, out, variant) -> None:
 
 
 def seeds_table(results: list[dict]) -> str:
-    """Markdown: SFBD round k beside online SFBD at round k's compute, mean ± 95% interval
-    over the runs (seeds) in ``results``, and the paired differences online − SFBD."""
+    """Markdown: SFBD round k beside online SFBD at round k's compute (each refresh rule the
+    runs hold), mean ± 95% interval over the runs (seeds) in ``results``, and the paired
+    differences online − SFBD (with both rules, also adaptive − fixed)."""
     import tables
 
     columns = (("swd", "sliced W₁ ↓", 4), ("frechet", "Fréchet ↓", 4),
@@ -305,17 +328,33 @@ def seeds_table(results: list[dict]) -> str:
              "|---|---|" + "---|" * len(columns) + "---|---|---|"]
     rounds = sorted({r["round"] for res in results for r in res["rows"] if "round" in r})
     seeds = ",".join(str(res["config"]["seed"]) for res in results)
+    rules = [rule for rule in ("fixed", "adaptive")
+             if all(any(r.get("online_rule", "fixed") == rule for r in res["rows"]
+                        if "online_round" in r) for res in results)]
+
+    def paired(a, b):
+        return [tables.fmt([x[key] - y[key] for x, y in zip(a, b, strict=True)], digits)
+                for key, digits in (("swd", 4), ("mean_log_density", 3))]
+
     for k in rounds:
         sf = [next(r for r in res["rows"] if r.get("round") == k) for res in results]
-        on = [next((r for r in res["rows"] if r.get("online_round") == k), None)
-              for res in results]
         label = "pretrained" if k == 0 else f"round {k}"
         lines.append(f"| {label} | SFBD | " + " | ".join(tables.cells(sf, columns))
                      + f" | | | {seeds} |")
-        if k and all(on):
-            diffs = [tables.fmt([o[key] - s[key] for o, s in zip(on, sf, strict=True)], digits)
-                     for key, digits in (("swd", 4), ("mean_log_density", 3))]
-            lines.append(f"| {label} | online SFBD | " + " | ".join(tables.cells(on, columns))
+        found = {}
+        for rule in rules:
+            on = [next((r for r in res["rows"] if r.get("online_round") == k
+                        and r.get("online_rule", "fixed") == rule), None) for res in results]
+            if not k or not all(on):
+                continue
+            found[rule] = on
+            name = "online SFBD" if rules == ["fixed"] else f"online SFBD, {rule} refresh"
+            diffs = paired(on, sf)
+            lines.append(f"| {label} | {name} | " + " | ".join(tables.cells(on, columns))
+                         + f" | {diffs[0]} | {diffs[1]} | {seeds} |")
+        if len(found) == 2:
+            diffs = paired(found["adaptive"], found["fixed"])
+            lines.append(f"| {label} | adaptive − fixed (paired) | " + " | " * (len(columns) - 1)
                          + f" | {diffs[0]} | {diffs[1]} | {seeds} |")
     return "\n".join(lines)
 
@@ -327,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", default="2d", help="'2d', '16d' or 'smoke'")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--online_rules", default=None,
+                        help="online SFBD refresh rules to run, e.g. 'fixed,adaptive' "
+                             "(default: the config's online_refresh_rules)")
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="tabulate finished runs (OUT/gmm_<variant>.json of several seeds) "
                              "instead of running")
@@ -344,6 +386,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {"table": text}
     cfg = gmm_convergence.get_config(args.variant)
     cfg.seed = args.seed
+    if args.online_rules:
+        cfg.online_refresh_rules = tuple(args.online_rules.split(","))
+    unknown = set(cfg.online_refresh_rules) - {"fixed", "adaptive"}
+    if unknown:
+        raise ValueError(f"unknown online refresh rules {sorted(unknown)}: 'fixed', 'adaptive'")
     return run(cfg, args.out, args.variant)
 
 

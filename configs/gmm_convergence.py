@@ -36,6 +36,9 @@ def get_config(variant: str = "2d"):
                                                 rho=7.0))
     c.backward_num_steps = 32  # Karras grid size before truncation below σ_ζ
     c.eval_samples = 5_000
+    # Online SFBD beside it, from the same pretrained model, with these refresh rules
+    # ('fixed', 'adaptive': config.online.refresh_rule of sfbd_jax).
+    c.online_refresh_rules = ("fixed",)
     c.swd_projections = 256
     if variant == "16d":
         c.gmm.dim, c.gmm.components, c.gmm.layout, c.gmm.std = 16, 6, "random", 0.1

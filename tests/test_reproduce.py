@@ -170,13 +170,19 @@ def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
 
 
 def test_gmm_convergence_smoke(tmp_path):
-    result = gmm_convergence.main(["--variant", "smoke", "--out", str(tmp_path)])
+    result = gmm_convergence.main(["--variant", "smoke", "--out", str(tmp_path),
+                                   "--online_rules", "fixed,adaptive"])
     rounds = [r for r in result["rows"] if "round" in r]
     assert [r["round"] for r in rounds] == [0, 1]
     assert all(np.isfinite(r["swd"]) and np.isfinite(r["mean_log_density"]) for r in rounds)
     assert np.isfinite(rounds[1]["denoised_mse"])
-    online = [r for r in result["rows"] if "online_round" in r]
-    assert [r["online_round"] for r in online] == [1]  # at round 1's compute
+    both = [r for r in result["rows"] if "online_round" in r]
+    assert [(r["online_round"], r["online_rule"]) for r in both] == [(1, "fixed"),
+                                                                     (1, "adaptive")]
+    # 1 round = 2 refreshes of half the set: the second meets only new samples, so q is
+    # never needed; the adaptive run equals the fixed one.
+    assert both[1]["commit_fractions"] == [] and both[1]["swd"] == both[0]["swd"]
+    online = both[:1]
     assert np.isfinite(online[0]["swd"]) and np.isfinite(online[0]["buffer_mse"])
     for name in ("gmm_smoke.json", "gmm_smoke_distances.png", "gmm_smoke_scatter.png"):
         assert os.path.exists(tmp_path / name)
@@ -185,8 +191,9 @@ def test_gmm_convergence_smoke(tmp_path):
     text = gmm_convergence.main(["--variant", "smoke", "--out", str(tmp_path),
                                  "--table", path, path])["table"]
     diff = online[0]["swd"] - rounds[1]["swd"]
-    assert f"| round 1 | online SFBD | {online[0]['swd']:.4f} ± 0.0000" in text
+    assert f"| round 1 | online SFBD, fixed refresh | {online[0]['swd']:.4f} ± 0.0000" in text
     assert f"| {diff:.4f} ± 0.0000 | " in text
+    assert "| round 1 | adaptive − fixed (paired) |" in text
 
 
 def test_gmm_log_density_is_exact():
