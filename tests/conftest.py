@@ -23,6 +23,10 @@ jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# The command-line tests' subprocesses share it (JAX reads its options from the environment).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 def tiny_config(image_size: int = 8, channels: int = 1) -> ml_collections.ConfigDict:

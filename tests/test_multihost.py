@@ -24,17 +24,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, *options):
-    """launch/local.sh with the test's Python; returns the processes' logs."""
+def _start(workdir, *options) -> subprocess.Popen:
+    """launch/local.sh with the test's Python, started in the background."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)  # the device count comes from config.num_cpu_devices
-    proc = subprocess.run(["bash", "launch/local.sh", *options, "configs/sfbd_smoke.py",
-                           str(workdir), *OVERRIDES], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.Popen(["bash", "launch/local.sh", *options, "configs/sfbd_smoke.py",
+                             str(workdir), *OVERRIDES], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _logs(workdir, proc: subprocess.Popen) -> list[str]:
+    """Waits for ``proc``; returns the processes' logs."""
+    stdout, stderr = proc.communicate(timeout=900)
     logs_dir = workdir / "logs"
     logs = ([(logs_dir / name).read_text() for name in sorted(os.listdir(logs_dir))]
-            if logs_dir.exists() else [proc.stdout + proc.stderr])
-    assert proc.returncode == 0, "\n".join(log[-3000:] for log in logs) + proc.stderr[-3000:]
+            if logs_dir.exists() else [stdout + stderr])
+    assert proc.returncode == 0, "\n".join(log[-3000:] for log in logs) + stderr[-3000:]
     return logs
 
 
@@ -54,9 +59,17 @@ def _round_state(workdir, k):
 
 def test_two_processes_match_one_process(tmp_path):
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
-    _launch(one, "--devices-per-process", "4")
-    logs = _launch(two, "--processes", "2", "--devices-per-process", "2", "--port",
-                   str(_free_port()))
+    # Side by side: each run is mostly start-up and compilation, one core apiece.
+    single = _start(one, "--devices-per-process", "4")
+    pair = _start(two, "--processes", "2", "--devices-per-process", "2", "--port",
+                  str(_free_port()))
+    try:
+        logs = _logs(two, pair)
+        _logs(one, single)
+    finally:
+        for proc in (single, pair):
+            if proc.poll() is None:
+                proc.kill()
     assert len(logs) == 2
     for i, log in enumerate(logs):
         assert f"process {i}/2" in log
