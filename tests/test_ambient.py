@@ -341,6 +341,7 @@ def test_unknown_annotation_method_is_refused(image_folder, tmp_path):
         run(c, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_ambient_benchmark_smoke(tmp_path):
     """benchmarks/ambient_mnist.py end to end (tiny) on its classifier-annotated row: the
     noise classifier trained and the annotation made inside the run, then the metrics."""

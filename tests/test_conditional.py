@@ -165,6 +165,7 @@ def test_label_flip_in_the_prepared_data_and_edm_training_set(tmp_path):
         prepare.prepare(c)
 
 
+@pytest.mark.slow
 def test_cep_benchmark_smoke(tmp_path):
     """benchmarks/cep_mnist.py end to end (tiny): flipped labels + CEP-G + label dropout, a
     conditional run, its evaluation with per-class metrics."""

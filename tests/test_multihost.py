@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Adam's eps at 1e-8 turns round-off in near-zero gradients (the summation order of the
@@ -57,6 +58,7 @@ def _round_state(workdir, k):
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
     # Side by side: each run is mostly start-up and compilation, one core apiece.
@@ -89,8 +91,6 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_distributed_settings_are_all_or_none():
-    import pytest
-
     from sfbd_jax.utils import devices
 
     with pytest.raises(ValueError, match="all of coordinator_address"):

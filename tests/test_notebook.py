@@ -4,12 +4,14 @@ and shows its metrics and pictures."""
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "colab", "sfbd_demo.ipynb")
 
 
+@pytest.mark.slow
 def test_demo_notebook_executes(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]

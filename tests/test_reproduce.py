@@ -26,6 +26,7 @@ def smoke_run(tmp_path_factory):
     return out, text
 
 
+@pytest.mark.slow
 def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     out, text = smoke_run
     with open(os.path.join(out, "results.json")) as f:
@@ -93,6 +94,7 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
         reproduce_mnist.main(["--out", out, "--smoke", "--finished_only", "--equal_compute"])
 
 
+@pytest.mark.slow
 def test_dps_calibration_on_the_smoke_runs_pretrained_model(smoke_run):
     import dps_calibration
 
@@ -119,6 +121,7 @@ def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
     assert (em.sfbd.rounds, em.sfbd.dps_num_steps, em.sfbd.backward) == (1, 9, "dps")
 
 
+@pytest.mark.slow
 def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
     """``python -m sfbd_jax.evaluate`` on the oracle run: the same samples (fixed key) give the
     metric the reproduction recorded; bad --checkpoint values give clear errors."""
@@ -205,6 +208,7 @@ def test_gmm_log_density_is_exact():
     assert gmm_convergence.log_density(x, means, std)[0] == pytest.approx(direct, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_budget_probe_evaluates_each_budget_of_one_long_run(smoke_run, monkeypatch):
     import budget_probe
 
