@@ -28,6 +28,13 @@ def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("online_imgs"), 21, seed=1)
 
 
+@pytest.fixture(scope="module")
+def fixed_run(image_folder, tmp_path_factory):
+    """One uninterrupted run of ``online_config`` (fixed refresh rule): (final state, workdir)."""
+    workdir = str(tmp_path_factory.mktemp("online_fixed") / "run")
+    return run(online_config(image_folder), workdir), workdir
+
+
 def online_config(folder, **online):
     c = tiny_config(image_size=8)
     c.mode = "online_sfbd"
@@ -138,8 +145,9 @@ def test_refresh_is_the_exact_flow_of_the_gaussian_denoiser(tmp_path, image_fold
 
 
 # ----- resume ----------------------------------------------------------------------------------
-def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder, monkeypatch):
-    straight = run(online_config(image_folder), str(tmp_path / "straight"))
+def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder, monkeypatch,
+                                                          fixed_run):
+    straight, straight_dir = fixed_run
     assert int(straight.step) == 4 + 6
     workdir = str(tmp_path / "killed")
     real_refresh, real_write = online.OnlineSFBDRun._refresh, jsonfile.write_json
@@ -176,10 +184,10 @@ def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder,
     for j in range(3):  # the buffer: every refresh's images
         np.testing.assert_array_equal(
             np.load(f"{workdir}/online/refresh_{j:08d}.npy"),
-            np.load(f"{tmp_path}/straight/online/refresh_{j:08d}.npy"))
+            np.load(f"{straight_dir}/online/refresh_{j:08d}.npy"))
     with open(f"{workdir}/{online.SUMMARY}") as f:
         killed_summary = json.load(f)
-    with open(f"{tmp_path}/straight/{online.SUMMARY}") as f:
+    with open(f"{straight_dir}/{online.SUMMARY}") as f:
         straight_summary = json.load(f)
     assert [r["model_sha256"] for r in killed_summary] == [
         r["model_sha256"] for r in straight_summary]
@@ -239,10 +247,10 @@ def _records(workdir):
 
 
 def test_adaptive_refresh_committing_all_is_the_fixed_rule(tmp_path, image_folder,
-                                                           monkeypatch):
+                                                           monkeypatch, fixed_run):
     """q = 1 every time: the same parameters and buffer files as the fixed rule, bit for bit;
     q = 0: only rows never denoised are written (coverage as the fixed rule)."""
-    fixed = run(online_config(image_folder), str(tmp_path / "fixed"))
+    fixed, fixed_dir = fixed_run
     monkeypatch.setattr(online, "commit_fraction", lambda old, new: 1.0)
     everything = run(online_config(image_folder, refresh_rule="adaptive"),
                      str(tmp_path / "all"))
@@ -250,7 +258,7 @@ def test_adaptive_refresh_committing_all_is_the_fixed_rule(tmp_path, image_folde
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for j in range(3):
         np.testing.assert_array_equal(np.load(f"{tmp_path}/all/online/refresh_{j:08d}.npy"),
-                                      np.load(f"{tmp_path}/fixed/online/refresh_{j:08d}.npy"))
+                                      np.load(f"{fixed_dir}/online/refresh_{j:08d}.npy"))
     # The KIDs it recorded: refresh 2's 2 candidates seen before (pixels, clipped) and the
     # entries refresh 0 gave them, each against the clean subset.
     record = _records(tmp_path / "all")[2]
