@@ -227,15 +227,12 @@ def run_online(cfg, trainer, params, opt_state, clean, noisy, originals, referen
             rows_j = online.refresh_rows(order, u // every, count)
             candidates = trainer.denoise_set(params, noisy[rows_j])
             commit = np.ones(len(rows_j), bool)
-            if rule == "adaptive":
-                before = seen[rows_j]
-                q = 1.0
-                if before.sum() >= 2:
-                    q = online.commit_fraction(
-                        distances.mmd2_unbiased(buffer[rows_j[before]], clean),
-                        distances.mmd2_unbiased(candidates[before], clean))
-                    fractions.append(q)
-                commit = online.committed_positions(before, q, cfg.seed, u // every)
+            if rule == "adaptive":  # the samples' coordinates are the features
+                commit, decision = online.adaptive_commit(
+                    seen[rows_j], buffer[rows_j], candidates, clean, lambda x: x, cfg.seed,
+                    u // every)
+                if "kid_replaced" in decision:
+                    fractions.append(decision["commit_fraction"])
             buffer[rows_j[commit]] = candidates[commit]
             seen[rows_j] = True
         covered = online.covered(u // every + 1, count, n)

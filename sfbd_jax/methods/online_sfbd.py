@@ -140,6 +140,25 @@ def committed_positions(previously_denoised: np.ndarray, q: float, seed: int,
     return mask
 
 
+def adaptive_commit(before: np.ndarray, replaced: np.ndarray, candidates: np.ndarray,
+                    clean_features: np.ndarray, features, seed: int,
+                    j: int) -> tuple[np.ndarray, dict]:
+    """The adaptive rule for refresh j (module docstring): bool (c,) — which candidates to
+    commit — and the numbers behind the choice. ``before``: (c,) whether each row was denoised
+    before; ``replaced`` / ``candidates``: the rows' current entries and new images as training
+    sees them; ``features``: images → (n, D), applied only when q is needed (k ≥ 2)."""
+    decision = {"candidates_seen_before": int(before.sum())}
+    q = 1.0
+    if before.sum() >= 2:
+        kid_new = distances.mmd2_unbiased(features(candidates[before]), clean_features)
+        kid_old = distances.mmd2_unbiased(features(replaced[before]), clean_features)
+        q = commit_fraction(kid_old, kid_new)
+        decision.update(kid_replaced=kid_old, kid_candidates=kid_new)
+    commit = committed_positions(before, q, seed, j)
+    decision.update(commit_fraction=q, committed=int(commit.sum()))
+    return commit, decision
+
+
 class OnlineBatches(pipeline.TrainBatches):
     """Batches over ``union`` = clean images (rows 0..N_clean−1) then the buffer (one row per
     noisy image); ``draw(u)`` for online step u follows the module docstring."""
@@ -334,7 +353,10 @@ class OnlineSFBDRun:
         decision: dict = {}
         commit = np.ones(len(rows), bool)
         if oc.refresh_rule == "adaptive":
-            commit, decision = self._adaptive_commit(j, rows, denoised)
+            commit, decision = adaptive_commit(
+                self.last_refresh_step[rows] >= 0, self.union[self.num_clean + rows],
+                np.clip(denoised, -1.0, 1.0), self._adaptive_clean_features(),
+                self._adaptive_features, self.config.seed, j)
         rows, denoised = rows[commit], denoised[commit]
         record = {"refresh": j, "step": int(state.step), "committed_rows": rows.tolist(),
                   **decision}
@@ -355,26 +377,7 @@ class OnlineSFBDRun:
         logging.info("Online SFBD refresh %d (step %d): %d images in %.1f s (%.0f network "
                      "evaluations/s)%s.", j, int(state.step), oc.refresh_count, seconds,
                      oc.refresh_count * self.evaluations_per_image / max(seconds, 1e-9),
-                     f"; committed {len(rows)}: {decision}" if decision else "")
-
-    def _adaptive_commit(self, j: int, rows: np.ndarray,
-                         denoised: np.ndarray) -> tuple[np.ndarray, dict]:
-        """The adaptive rule (module docstring): which candidates to commit, and the numbers
-        behind the choice."""
-        before = self.last_refresh_step[rows] >= 0
-        decision = {"candidates_seen_before": int(before.sum())}
-        q = 1.0
-        if before.sum() >= 2:
-            clean = self._adaptive_clean_features()
-            kid_new = distances.mmd2_unbiased(
-                self._adaptive_features(np.clip(denoised[before], -1.0, 1.0)), clean)
-            kid_old = distances.mmd2_unbiased(
-                self._adaptive_features(self.union[self.num_clean + rows[before]]), clean)
-            q = commit_fraction(kid_old, kid_new)
-            decision.update(kid_replaced=kid_old, kid_candidates=kid_new)
-        commit = committed_positions(before, q, self.config.seed, j)
-        decision.update(commit_fraction=q, committed=int(commit.sum()))
-        return commit, decision
+                     f"; {decision}" if decision else "")
 
     def _adaptive_features(self, images: np.ndarray) -> np.ndarray:
         """(n, D) features of images in [-1, 1] for the adaptive rule's KID."""
