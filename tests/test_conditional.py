@@ -64,18 +64,24 @@ def conditional_config():
 def test_guidance_zero_and_one_are_the_unconditional_and_conditional_models():
     c = conditional_config()
     model = unet.build_unet(c.model, 8, 1)
-    params = precond.init_params(model, jax.random.PRNGKey(0), (8, 8, 1), True)
+    params = jax.jit(lambda k: precond.init_params(model, k, (8, 8, 1), True))(
+        jax.random.PRNGKey(0))
     params = jax.tree.map(lambda p: p + 0.05, params)  # the label path reaches the output
     denoise = precond.make_denoiser(model, 0.5)
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
     sigma, labels = jnp.full((4,), 0.7), jnp.array([0, 1, 2, 1])
-    cond = denoise(params, x, sigma, labels)
-    uncond = denoise(params, x, sigma, jnp.full((4,), 3))
+
+    @jax.jit  # one program for the five denoiser outputs (eager, each op compiles alone)
+    def outputs(params):
+        g = lambda w: precond.guided_denoiser(denoise, w, 3)(params, x, sigma, labels)  # noqa
+        return (denoise(params, x, sigma, labels), denoise(params, x, sigma, jnp.full((4,), 3)),
+                g(1.0), g(0.0), g(2.5))
+
+    cond, uncond, g1, g0, g25 = outputs(params)
     assert not np.allclose(cond, uncond, atol=1e-4)
-    g = lambda w: precond.guided_denoiser(denoise, w, 3)(params, x, sigma, labels)  # noqa: E731
-    np.testing.assert_allclose(g(1.0), cond, atol=1e-6)
-    np.testing.assert_allclose(g(0.0), uncond, atol=1e-6)
-    np.testing.assert_allclose(g(2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)
+    np.testing.assert_allclose(g1, cond, atol=1e-6)
+    np.testing.assert_allclose(g0, uncond, atol=1e-6)
+    np.testing.assert_allclose(g25, uncond + 2.5 * (cond - uncond), atol=1e-5)
 
 
 def test_conditional_training_with_dropout_and_cep_then_guided_sampling(tmp_path):
