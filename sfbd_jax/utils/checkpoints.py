@@ -39,11 +39,32 @@ def abstract_like(tree: Any, sharding) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def write_replicated_arrays_once() -> None:
+    """On a single process, have Orbax write each replicated array once, from one device.
+
+    Orbax's default (on CPU and TPU) is replica-parallel saving: every replicated array is cut
+    into one slice per replica so that the replicas, on a pod other hosts, share the writing.
+    With every replica on one process that only adds an eager slice per array and replica (a
+    state of 574 arrays on 2 CPU devices: ~2.1 s → ~1.4 s a save). The files are the same
+    arrays either way; restores do not depend on it (tested both ways). Orbax keeps its type
+    handlers in one registry per process, so this re-registers its jax.Array handler there;
+    multi-process runs keep Orbax's default."""
+    if jax.process_count() > 1:
+        return
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()),
+        override=True)
+
+
 class Checkpointer:
     """A thin owner of an ``ocp.CheckpointManager`` under ``directory``."""
 
     def __init__(self, directory: str, max_to_keep: int | None = 3,
                  enable_async: bool = True, fallback: bool = False):
+        write_replicated_arrays_once()
         self.directory = os.path.abspath(directory)
         self.fallback = fallback
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
