@@ -144,7 +144,6 @@ def test_replica_parallel_and_single_writer_checkpoints_restore_each_other(tmp_p
     restores bit-exactly through the other."""
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh
-    from orbax.checkpoint._src.metadata import array_metadata_store
 
     from sfbd_jax.utils import checkpoints
 
@@ -152,28 +151,22 @@ def test_replica_parallel_and_single_writer_checkpoints_restore_each_other(tmp_p
     replicated = devices.replicated(Mesh(np.array(two_devices), ("data",)))
     state = jax.device_put(state, replicated)
     abstract = checkpoints.abstract_like(state, replicated)
-
-    def use_replica_parallel(flag):
-        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=flag, array_metadata_store=array_metadata_store.Store()),
-            override=True)
-
     try:
-        use_replica_parallel(True)  # as Orbax's default writes it
+        checkpoints.set_replica_parallel_writes(True)  # as Orbax's default writes it
         manager = ocp.CheckpointManager(str(tmp_path / "parallel"),
                                         options=ocp.CheckpointManagerOptions(create=True))
         manager.save(2, args=ocp.args.StandardSave(state))
-        manager.wait_until_finished()
-        manager.close()
+        manager.close()  # waits for the save
         single = Checkpointer(str(tmp_path / "single"), enable_async=False)  # single writer
         single.save(2, state)
         single.close()
         from_parallel = Checkpointer(str(tmp_path / "parallel")).restore_latest(abstract)
-        use_replica_parallel(True)
-        restored = (from_parallel, ocp.CheckpointManager(str(tmp_path / "single")).restore(
-            2, args=ocp.args.StandardRestore(abstract)))
+        checkpoints.set_replica_parallel_writes(True)
+        manager = ocp.CheckpointManager(str(tmp_path / "single"))
+        from_single = manager.restore(2, args=ocp.args.StandardRestore(abstract))
+        manager.close()
     finally:
         checkpoints.write_replicated_arrays_once()
-    for other in restored:
+    for other in (from_parallel, from_single):
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(other), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
