@@ -23,15 +23,9 @@ def tiny_dataset(n: int = 32, size: int = 8) -> ImageDataset:
     return ImageDataset(images, np.arange(n, dtype=np.int32) % 2, 2, "tiny")
 
 
-_EXPERIMENTS = {}
-
-
 def experiment(config, mesh):
-    """Experiments cached per (config, mesh size): each costs a compile of ~10 s."""
-    key = (config.to_json_best_effort(), mesh.devices.size)
-    if key not in _EXPERIMENTS:
-        _EXPERIMENTS[key] = Experiment(config, mesh)
-    return _EXPERIMENTS[key]
+    """An Experiment; those of an equal config and mesh share their compiled programs."""
+    return Experiment(config, mesh)
 
 
 def run_steps(config, mesh, num_steps, dataset=None):
@@ -157,6 +151,37 @@ def test_init_state_compiled_without_optimisation_is_bit_identical():
     config = tiny_config()
     exp = experiment(config, devices.make_data_mesh(1))
     fast = exp.init_state()
-    optimised = jax.jit(exp._init)(exp.base_key)
+    optimised = jax.jit(exp.programs.init)(exp.base_key)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(optimised), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_experiments_of_an_equal_config_share_their_programs():
+    """A resumed run, SFBD's rounds and repeated runs build Experiments of equal configs: they
+    share one set of programs (traced once), while any changed value gets its own; changing a
+    config after its Experiment was built does not reach the programs built from it."""
+    mesh = devices.make_data_mesh(1)
+    config = tiny_config()
+    first = Experiment(config, mesh)
+    again = Experiment(tiny_config(), mesh)
+    assert again.programs is first.programs and again.train_step is first.train_step
+    assert again.abstract_state() is first.abstract_state()
+    assert first.sampler([1.0, 0.5, 0.0]) is again.sampler([1.0, 0.5, 0.0])
+    assert first.sampler([1.0, 0.5, 0.0]) is not first.sampler([2.0, 0.5, 0.0])
+
+    # Two runs of the same config: the train step is traced (and compiled) once.
+    batches = pipeline.TrainBatches(tiny_dataset(), config.train.batch_size, 1, 0, mesh, 0)
+    for exp in (first, again):
+        exp.train_step(exp.init_state(), batches.get(0))
+    assert first.train_step._cache_size() == 1
+
+    changed = tiny_config()
+    changed.diffusion.sigma_data = 0.25
+    other = Experiment(changed, mesh)
+    assert other.programs is not first.programs
+    assert Experiment(config, devices.make_data_mesh(2)).programs is not first.programs
+    # The programs hold a frozen copy: mutating the caller's config changes nothing in them,
+    # and an Experiment of the mutated config gets programs of the new values.
+    config.diffusion.sigma_data = 0.25
+    assert Experiment(config, mesh).programs is other.programs
+    assert Experiment(tiny_config(), mesh).programs is first.programs

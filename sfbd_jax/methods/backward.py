@@ -102,6 +102,15 @@ def make_backward_sampler(denoise, mesh, config, sigma_zeta: float) -> BackwardS
     return BackwardSampler(sample, sigmas, *_cost_on_grid(config, sigmas))
 
 
+def shared_backward_sampler(experiment, config, sigma_zeta: float) -> BackwardSampler:
+    """``make_backward_sampler`` for ``experiment`` (an ``Experiment`` of ``config``), built
+    once per process for an equal config and σ_ζ (every round, and a resumed run, reuse its
+    traced and compiled programs)."""
+    return experiment.programs.get(
+        ("backward", float(sigma_zeta)),
+        lambda: make_backward_sampler(experiment.denoise, experiment.mesh, config, sigma_zeta))
+
+
 def backward_settings(config) -> dict:
     """The keys of the backward step that a finished pass depends on (part of the record that
     decides whether denoised shards or refreshes may be reused). The keys of the 'dps' step

@@ -7,6 +7,7 @@ optimiser, the jitted sharded train step and sampler. Methods (SFBD, Ambient-Omn
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
@@ -32,45 +34,99 @@ from sfbd_jax.utils import progress as progress_lib
 _STREAM_INIT, _STREAM_TRAIN, _STREAM_SAMPLES = 0, 1, 2
 
 
-class Experiment:
-    """Model, optimiser, jitted step and sampler for ``config`` on ``mesh`` (all devices)."""
+class Programs:
+    """What a config compiles, once per process: the network, its EDM denoiser, the
+    optimiser, the loss, the jitted sharded train step, the compiled initialisation, the
+    abstract state and the samplers (``derived``: any further program built from these).
 
-    def __init__(self, config, mesh=None):
-        validate_config(config)
-        self.config = config
-        self.mesh = mesh if mesh is not None else devices.make_data_mesh()
-        devices.check_divisible(config.train.batch_size, self.mesh,
-                                "config.train.batch_size (global batch)")
+    Built from a frozen copy of the config, so changing the caller's config later cannot
+    change a program; shared by every ``Experiment`` of an equal config on an equal mesh
+    (``programs_for``): a resumed run, SFBD's rounds and a test's repeated runs trace and
+    compile each program once instead of once per ``Experiment``.
+    """
+
+    def __init__(self, config, mesh):
+        config = ml_collections.FrozenConfigDict(config)
+        self.mesh = mesh
         self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
         self.model = unet.build_unet(config.model, config.data.image_size, config.data.channels)
         self.denoise = precond.make_denoiser(self.model, config.diffusion.sigma_data)
         self.optimizer = optim.make_optimizer(config.optim, config.train.batch_size)
         self.lr_schedule = optim.warmup_schedule(config.optim.lr, config.optim.warmup_images,
                                                  config.train.batch_size)
-        conditional = config.model.num_classes > 0
-        condition = (step.condition_transform(config.model, config.cep) if conditional and (
+        self.with_labels = config.model.num_classes > 0
+        condition = (step.condition_transform(config.model, config.cep) if self.with_labels and (
             config.model.label_dropout > 0 or config.cep.kind != "none") else None)
         self.loss_fn = step.edm_loss_fn(self.denoise, config.diffusion, condition)
         # Sampling never perturbs the condition (CEP is training-only); guidance needs the null
         # class learned under label dropout.
         self.sample_denoise = (precond.guided_denoiser(self.denoise, config.sampler.guidance,
                                                        config.model.num_classes)
-                               if conditional else self.denoise)
+                               if self.with_labels else self.denoise)
         self.train_step = step.make_train_step(self.loss_fn, self.optimizer, config.ema,
                                                self.mesh, config.train.unroll_dispatch)
-        self.base_key = jax.random.PRNGKey(config.seed)
-        self._samplers: dict[tuple, Any] = {}
-        self._train_step_compiled = False
-        self.last_scalars: dict[str, float] = {}  # the last metrics ``train`` logged
+        self.train_step_compiled = False  # set after the first dispatch has run
+        self.derived: dict[Any, Any] = {}
 
-    # ----- state -------------------------------------------------------------------------
-    def _init(self, key):
+    def init(self, key):
+        """A fresh TrainState from ``key`` (uncompiled; see ``Experiment.init_state``)."""
         k_init, k_train = jax.random.fold_in(key, _STREAM_INIT), jax.random.fold_in(
             key, _STREAM_TRAIN)
         params = precond.init_params(self.model, k_init, self.image_shape,
-                                     with_labels=self.config.model.num_classes > 0)
+                                     with_labels=self.with_labels)
         return create_train_state(params, self.optimizer, k_train)
 
+    def get(self, key, build: Callable[[], Any]) -> Any:
+        """The program cached under ``key`` (hashable), built by ``build()`` the first time."""
+        if key not in self.derived:
+            self.derived[key] = build()
+        return self.derived[key]
+
+
+# Programs of the last few configs this process used (an LRU: a long benchmark that goes
+# through many configs keeps a bounded number of compiled programs alive).
+_PROGRAMS: collections.OrderedDict[tuple, Programs] = collections.OrderedDict()
+_PROGRAMS_KEPT = 4
+
+
+def programs_for(config, mesh) -> Programs:
+    """The shared ``Programs`` of ``config`` on ``mesh``; a new one when no config with the
+    same values on the same devices was seen (among the last few)."""
+    key = (config.to_json_best_effort(sort_keys=True),
+           tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, tuple(mesh.axis_names))
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+    else:
+        _PROGRAMS[key] = Programs(config, mesh)
+        while len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[key]
+
+
+class Experiment:
+    """Model, optimiser, jitted step and sampler for ``config`` on ``mesh`` (all devices).
+
+    The compiled parts come from ``programs_for`` (shared with earlier Experiments of an
+    equal config in this process); what changes during a run (``last_scalars``) is its own.
+    """
+
+    def __init__(self, config, mesh=None):
+        validate_config(config)
+        self.config = config
+        mesh = mesh if mesh is not None else devices.make_data_mesh()
+        devices.check_divisible(config.train.batch_size, mesh,
+                                "config.train.batch_size (global batch)")
+        self.programs = programs_for(config, mesh)
+        p = self.programs
+        self.mesh = p.mesh
+        self.image_shape = p.image_shape
+        self.model, self.denoise, self.sample_denoise = p.model, p.denoise, p.sample_denoise
+        self.optimizer, self.lr_schedule, self.loss_fn = p.optimizer, p.lr_schedule, p.loss_fn
+        self.train_step = p.train_step
+        self.base_key = jax.random.PRNGKey(config.seed)
+        self.last_scalars: dict[str, float] = {}  # the last metrics ``train`` logged
+
+    # ----- state -------------------------------------------------------------------------
     def init_state(self) -> TrainState:
         """A fresh state, replicated over the mesh.
 
@@ -78,16 +134,23 @@ class Experiment:
         a fraction of a second either way, while the optimised compile of a graph that holds
         the whole forward pass costs seconds (7.3 s → 3.4 s for the 7M-parameter config of
         benchmarks/vs_pytorch.py on 2 CPU cores; the parameters are bit-identical, tested)."""
-        logging.info("Initialising the parameters (compiling the initialisation first).")
-        init = jax.jit(self._init, out_shardings=devices.replicated(self.mesh))
-        compiled = init.lower(self.base_key).compile(
-            compiler_options={"xla_backend_optimization_level": 0})
-        return compiled(self.base_key)
+
+        def compile_init():
+            logging.info("Initialising the parameters (compiling the initialisation first).")
+            init = jax.jit(self.programs.init, out_shardings=devices.replicated(self.mesh))
+            return init.lower(self.base_key).compile(
+                compiler_options={"xla_backend_optimization_level": 0})
+
+        return self.programs.get("init", compile_init)(self.base_key)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, without allocating it."""
-        shapes = jax.eval_shape(self._init, self.base_key)
-        return checkpoints.abstract_like(shapes, devices.replicated(self.mesh))
+
+        def build():
+            shapes = jax.eval_shape(self.programs.init, self.base_key)
+            return checkpoints.abstract_like(shapes, devices.replicated(self.mesh))
+
+        return self.programs.get("abstract_state", build)
 
     def restore_or_init(self, checkpointer: checkpoints.Checkpointer,
                         earliest_step: int = 0) -> TrainState:
@@ -106,12 +169,10 @@ class Experiment:
         """The jitted sharded sampler for the grid ``sigmas`` (cached per grid)."""
         cfg = self.config.sampler
         sigmas = np.asarray(sigmas, np.float32)
-        cache_key = tuple(sigmas.tolist())
-        if cache_key not in self._samplers:
-            self._samplers[cache_key] = sampler_lib.make_sharded_sampler(
-                self.sample_denoise, self.mesh, sigmas, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
-                s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
-        return self._samplers[cache_key]
+        return self.programs.get(("sampler", tuple(sigmas.tolist())),
+                                 lambda: sampler_lib.make_sharded_sampler(
+                                     self.sample_denoise, self.mesh, sigmas, s_churn=cfg.s_churn,
+                                     s_tmin=cfg.s_tmin, s_tmax=cfg.s_tmax, s_noise=cfg.s_noise))
 
     def sample_grid(self) -> np.ndarray:
         """The σ grid of ``generate`` (config.sampler's Karras grid, decreasing, ending in 0)."""
@@ -125,8 +186,10 @@ class Experiment:
         padded = -(-num // n_dev) * n_dev
         k_noise, k_churn = jax.random.split(key)
         sharding = devices.batch_sharding(self.mesh)
-        x = jax.jit(lambda k: jax.random.normal(k, (padded, *self.image_shape)) * sigmas[0],
-                    out_shardings=sharding)(k_noise)
+        start = self.programs.get(("start_noise", padded, float(sigmas[0])), lambda: jax.jit(
+            lambda k: jax.random.normal(k, (padded, *self.image_shape)) * sigmas[0],
+            out_shardings=sharding))
+        x = start(k_noise)
         if labels is not None:
             labels = devices.put_global(np.resize(np.asarray(labels, np.int32), padded),
                                         sharding)
@@ -194,15 +257,15 @@ class Experiment:
         while step_now < end_step:
             if before_dispatch is not None:
                 before_dispatch(step_now, state)
-            if not self._train_step_compiled:
+            if not self.programs.train_step_compiled:
                 progress.note("Compiling the train step and running its first dispatch (a "
                               "minute or more on a busy CPU; XLA may call it a 'very slow "
                               "compile', which is harmless).")
                 t_compile = time.time()
             state, metrics = self.train_step(state, batches.get(step_now - phase_start_step))
-            if not self._train_step_compiled:
+            if not self.programs.train_step_compiled:
                 jax.block_until_ready(metrics)
-                self._train_step_compiled = True
+                self.programs.train_step_compiled = True
                 progress.note(f"Train step compiled and run in {time.time() - t_compile:.1f} s.")
             first_nonfinite = step.track_first_nonfinite(
                 first_nonfinite, metrics.pop("first_nonfinite"), jnp.int32(step_now))
