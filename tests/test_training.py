@@ -171,9 +171,16 @@ def test_experiments_of_an_equal_config_share_their_programs():
 
     # Two runs of the same config: the train step is traced (and compiled) once.
     batches = pipeline.TrainBatches(tiny_dataset(), config.train.batch_size, 1, 0, mesh, 0)
-    for exp in (first, again):
-        exp.train_step(exp.init_state(), batches.get(0))
-    assert first.train_step._cache_size() == 1
+    first.train_step(first.init_state(), batches.get(0))
+    traced = first.train_step._cache_size()
+    again.train_step(again.init_state(), batches.get(0))
+    assert again.train_step._cache_size() == traced
+
+    # Keys that change no program (budget, cadences, seed, data source) share them too.
+    longer = tiny_config()
+    longer.train.total_images, longer.train.checkpoint_every_steps, longer.seed = 640, 2, 5
+    longer.data.source = "folder"
+    assert Experiment(longer, mesh).programs is first.programs
 
     changed = tiny_config()
     changed.diffusion.sigma_data = 0.25

@@ -102,13 +102,13 @@ def make_backward_sampler(denoise, mesh, config, sigma_zeta: float) -> BackwardS
     return BackwardSampler(sample, sigmas, *_cost_on_grid(config, sigmas))
 
 
-def shared_backward_sampler(experiment, config, sigma_zeta: float) -> BackwardSampler:
-    """``make_backward_sampler`` for ``experiment`` (an ``Experiment`` of ``config``), built
-    once per process for an equal config and σ_ζ (every round, and a resumed run, reuse its
-    traced and compiled programs)."""
-    return experiment.programs.get(
-        ("backward", float(sigma_zeta)),
-        lambda: make_backward_sampler(experiment.denoise, experiment.mesh, config, sigma_zeta))
+def shared_backward_sampler(experiment, sigma_zeta: float) -> BackwardSampler:
+    """``make_backward_sampler`` for ``experiment``'s config, built once per process for
+    equal program keys (``loop.program_config``) and σ_ζ: every round, and a resumed run,
+    reuse its traced and compiled programs."""
+    programs = experiment.programs
+    return programs.get(("backward", float(sigma_zeta)), lambda: make_backward_sampler(
+        experiment.denoise, experiment.mesh, programs.config, sigma_zeta))
 
 
 def backward_settings(config) -> dict:

@@ -290,8 +290,7 @@ class OnlineSFBDRun:
 
     # ----- refreshes --------------------------------------------------------------------
     def _make_sampler(self):
-        sampler = backward.shared_backward_sampler(self.experiment, self.config,
-                                                   self.sigma_zeta)
+        sampler = backward.shared_backward_sampler(self.experiment, self.sigma_zeta)
         self.evaluations_per_image = sampler.evaluations_per_image
         self.gradients_per_image = sampler.gradients_per_image
         return sampler.sample

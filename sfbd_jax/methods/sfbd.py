@@ -206,7 +206,7 @@ class SFBDRun:
         cfg = self.config.sfbd
         if int(state.step) != self.end_step(k - 1):
             state = self.rounds_ckpt.restore(k - 1, self.experiment.abstract_state())
-        sampler = backward.shared_backward_sampler(self.experiment, self.config, sigma_zeta)
+        sampler = backward.shared_backward_sampler(self.experiment, sigma_zeta)
         settings = {"round": k, "sigma_zeta": sigma_zeta, **backward.backward_settings(self.config),
                     "num_steps": cfg.backward_num_steps, "churn": cfg.backward_churn,
                     "batch_size": cfg.denoise_batch_size, "seed": self.config.seed,

@@ -39,14 +39,18 @@ class Programs:
     optimiser, the loss, the jitted sharded train step, the compiled initialisation, the
     abstract state and the samplers (``derived``: any further program built from these).
 
-    Built from a frozen copy of the config, so changing the caller's config later cannot
-    change a program; shared by every ``Experiment`` of an equal config on an equal mesh
-    (``programs_for``): a resumed run, SFBD's rounds and a test's repeated runs trace and
-    compile each program once instead of once per ``Experiment``.
+    Built from ``program_config(config)``: a frozen copy of only the keys that define
+    programs (a program that read any other key would fail, not be shared wrongly), so
+    changing the caller's config later cannot change a program. Shared by every
+    ``Experiment`` whose config has equal values of those keys on an equal mesh
+    (``programs_for``): a resumed run (also one given a larger budget), SFBD's rounds and a
+    test's repeated runs trace and compile each program once instead of once per
+    ``Experiment``.
     """
 
     def __init__(self, config, mesh):
-        config = ml_collections.FrozenConfigDict(config)
+        config = program_config(config)
+        self.config = config  # the keys it was built from (frozen)
         self.mesh = mesh
         self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
         self.model = unet.build_unet(config.model, config.data.image_size, config.data.channels)
@@ -83,16 +87,36 @@ class Programs:
         return self.derived[key]
 
 
+# The config keys that define compiled programs: the network, the loss (diffusion, CEP), the
+# optimiser and EMA with the global batch, the samplers and SFBD's backward samplers.
+# Budgets, schedules of logging/checkpoints, data paths and seeds are left out: those change
+# no program. (config.seed is only an argument of the compiled initialisation.)
+PROGRAM_SECTIONS = ("model", "diffusion", "cep", "optim", "ema", "sampler")
+PROGRAM_KEYS = {"data": ("image_size", "channels"), "train": ("batch_size", "unroll_dispatch")}
+PROGRAM_PREFIXES = {"sfbd": ("backward", "dps_")}  # the backward step's sampler
+
+
+def program_config(config) -> ml_collections.FrozenConfigDict:
+    """The part of ``config`` that defines its compiled programs (frozen)."""
+    part = {name: config[name].to_dict() for name in PROGRAM_SECTIONS}
+    for section, keys in PROGRAM_KEYS.items():
+        part[section] = {k: config[section][k] for k in keys}
+    for section, prefixes in PROGRAM_PREFIXES.items():
+        if section in config:
+            part[section] = {k: v for k, v in config[section].items() if k.startswith(prefixes)}
+    return ml_collections.FrozenConfigDict(part)
+
+
 # Programs of the last few configs this process used (an LRU: a long benchmark that goes
 # through many configs keeps a bounded number of compiled programs alive).
 _PROGRAMS: collections.OrderedDict[tuple, Programs] = collections.OrderedDict()
-_PROGRAMS_KEPT = 4
+_PROGRAMS_KEPT = 8
 
 
 def programs_for(config, mesh) -> Programs:
     """The shared ``Programs`` of ``config`` on ``mesh``; a new one when no config with the
     same values on the same devices was seen (among the last few)."""
-    key = (config.to_json_best_effort(sort_keys=True),
+    key = (program_config(config).to_json_best_effort(sort_keys=True),
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, tuple(mesh.axis_names))
     if key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
