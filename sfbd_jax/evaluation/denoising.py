@@ -20,9 +20,25 @@ def mse_psnr(estimate: np.ndarray, reference: np.ndarray) -> tuple[float, float]
     return mse, (10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf"))
 
 
-def against_originals(prepared_dir: str, images: np.ndarray) -> dict[str, float]:
+def against_originals(prepared_dir: str, images, rows_per_chunk: int = 4096
+                      ) -> dict[str, float]:
     """MSE/PSNR of ``images`` (in the order of the noisy set; clipped to [-1, 1] first)
-    against the clean originals kept beside a prepared data set."""
-    originals = eval_only.load_clean_originals(prepared_dir)
-    mse, psnr = mse_psnr(np.clip(images, -1.0, 1.0), originals)
-    return {"mse": mse, "psnr": psnr}
+    against the clean originals kept beside a prepared data set, and the fraction of pixel
+    values of ``images`` outside [-1, 1] before that clipping (``clipped_fraction``).
+
+    ``images``: an array or any row-indexable set (a memory-mapped ``ShardedArray``, a
+    ``ConcatenatedRows``); both it and the originals are read ``rows_per_chunk`` rows at a
+    time, so host memory does not grow with the set."""
+    originals = eval_only.load_clean_originals(prepared_dir, lazy=True)
+    if len(images) != len(originals) or tuple(images.shape[1:]) != tuple(originals.shape[1:]):
+        raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(originals.shape)}")
+    squared, outside, values = 0.0, 0, 0
+    for start in range(0, len(images), rows_per_chunk):
+        rows = np.arange(start, min(start + rows_per_chunk, len(images)))
+        estimate = np.asarray(images[rows], np.float64)
+        outside += int(np.count_nonzero(np.abs(estimate) > 1.0))
+        squared += float(np.sum((np.clip(estimate, -1.0, 1.0) - originals[rows]) ** 2))
+        values += estimate.size
+    mse = squared / max(values, 1)
+    psnr = 10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf")
+    return {"mse": mse, "psnr": psnr, "clipped_fraction": outside / max(values, 1)}

@@ -27,7 +27,7 @@ from absl import logging
 from clu import metric_writers
 
 from sfbd_jax import config_checks
-from sfbd_jax.data import pipeline, shards
+from sfbd_jax.data import pipeline, rows, shards
 from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
@@ -58,15 +58,21 @@ def _write_json(path: str, value) -> None:
         jsonfile.write_json(path, value)
 
 
-def union_dataset(denoised: np.ndarray, noisy: ImageDataset, clean: ImageDataset,
+def union_dataset(denoised, noisy: ImageDataset, clean: ImageDataset,
                   clean_repeat: int) -> ImageDataset:
     """D^(k) ∪ D_clean for the forward step: denoised images clipped to [-1, 1], the clean
-    subset repeated ``clean_repeat`` times (1 = uniform over the union, as the reference)."""
-    images = np.concatenate([np.clip(denoised, -1.0, 1.0)] + [clean.images] * clean_repeat)
+    subset repeated ``clean_repeat`` times (1 = uniform over the union, as the reference).
+
+    An index-level union (``rows.ConcatenatedRows``): the denoised set (memory-mapped shards
+    or an array) and the clean subset are read per batch, never concatenated or repeated in
+    host memory; only the labels (int32) are."""
+    images = rows.ConcatenatedRows(
+        [denoised] + [clean.images] * clean_repeat,
+        [rows.clip_to_image_range] + [None] * clean_repeat, name="denoised+clean")
     labels = None
     if noisy.labels is not None and clean.labels is not None:
         labels = np.concatenate([noisy.labels] + [clean.labels] * clean_repeat)
-    return ImageDataset(images.astype(np.float32), labels, clean.num_classes, "denoised+clean")
+    return ImageDataset(images, labels, clean.num_classes, "denoised+clean")
 
 
 class SFBDRun:
@@ -200,9 +206,10 @@ class SFBDRun:
 
     # ----- phases -----------------------------------------------------------------------
     def _backward(self, k: int, state: TrainState, noisy: ImageDataset,
-                  sigma_zeta: float) -> np.ndarray:
+                  sigma_zeta: float) -> shards.ShardedArray:
         """D^(k): every noisy image denoised from σ_ζ with the EMA of the state that ended
-        round k−1 (restored from rounds/<k−1> when the run resumes mid-forward)."""
+        round k−1 (restored from rounds/<k−1> when the run resumes mid-forward), as its
+        memory-mapped shards."""
         cfg = self.config.sfbd
         if int(state.step) != self.end_step(k - 1):
             state = self.rounds_ckpt.restore(k - 1, self.experiment.abstract_state())
@@ -231,7 +238,8 @@ class SFBDRun:
                                        settings=settings, labels=labels,
                                        on_progress=self.progress.update)
         self.progress.end()
-        return shards.read_all(out_dir, entries)
+        # Memory-mapped: the forward step reads its batches' rows from the shards.
+        return shards.ShardedArray(out_dir, entries, verify=jax.process_index() == 0)
 
     def _finish_round(self, k, state, rounds_ckpt, writer, summary, denoised) -> list:
         """Keep round k's state, write its samples and diagnostics."""
@@ -248,10 +256,10 @@ class SFBDRun:
         if denoised is not None:
             quality = denoising.against_originals(self.data_dir, denoised)
             row.update(denoised_mse=quality["mse"], denoised_psnr=quality["psnr"],
-                       denoised_clipped_fraction=float(np.mean(np.abs(denoised) > 1.0)))
+                       denoised_clipped_fraction=quality["clipped_fraction"])
         elif k == 0:
             noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
-            quality = denoising.against_originals(self.data_dir, noisy.images.to_numpy())
+            quality = denoising.against_originals(self.data_dir, noisy.images)
             row.update(noisy_mse=quality["mse"], noisy_psnr=quality["psnr"])
         if self.config.eval.round_num_samples > 0:
             self.progress.begin(f"round{k}/metrics", timed_from_start=True)

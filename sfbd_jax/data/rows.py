@@ -1,0 +1,70 @@
+"""Several row-indexed image sets read as one, by index, without copying them.
+
+SFBD's forward step trains on D^(k) ∪ D_clean (the clean subset possibly repeated): rather
+than concatenating the denoised set with copies of the clean one in host memory, the union is
+an index map over the parts, each of which may be an in-memory array or a memory-mapped
+``shards.ShardedArray``; a batch gathers only its own rows, from whichever parts hold them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+RowTransform = Callable[[np.ndarray], np.ndarray]
+
+
+class ConcatenatedRows:
+    """Row-indexable ``parts`` (each of shape (N_j, *S)) as one array of N = Σ N_j rows.
+
+    ``rows[indices]`` (an integer index array of any shape) returns float32 rows of shape
+    (*indices.shape, *S): row i of the union is row i − start_j of the part j that holds it,
+    with that part's ``transforms[j]`` applied (e.g. clipping denoised images to [-1, 1]; None:
+    as stored). A part listed several times is read, not copied, each time.
+    """
+
+    def __init__(self, parts: Sequence, transforms: Sequence[RowTransform | None] | None = None,
+                 name: str = "union"):
+        if not parts:
+            raise ValueError(f"{name}: a union needs at least one part")
+        transforms = list(transforms) if transforms is not None else [None] * len(parts)
+        if len(transforms) != len(parts):
+            raise ValueError(f"{name}: {len(transforms)} transforms for {len(parts)} parts")
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"{name}: the parts' rows differ in shape: {sorted(shapes)}")
+        self.parts, self.transforms, self.name = list(parts), transforms, name
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), *shapes.pop())
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index)
+        if not np.issubdtype(index.dtype, np.integer):
+            raise TypeError(f"{self.name}: index with an integer array, got {index.dtype}")
+        flat = index.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"{self.name}: index out of range for {len(self)} rows")
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty((flat.size, *self.shape[1:]), np.float32)
+        for j in np.unique(which):
+            sel = np.flatnonzero(which == j)
+            part_rows = np.asarray(self.parts[j][flat[sel] - self.starts[j]], np.float32)
+            transform = self.transforms[j]
+            out[sel] = part_rows if transform is None else transform(part_rows)
+        return out.reshape(*index.shape, *self.shape[1:])
+
+    def chunks(self, rows_per_chunk: int = 4096):
+        """The union in order, as float32 arrays of at most ``rows_per_chunk`` rows."""
+        for start in range(0, len(self), rows_per_chunk):
+            yield self[np.arange(start, min(start + rows_per_chunk, len(self)))]
+
+
+def clip_to_image_range(rows: np.ndarray) -> np.ndarray:
+    """Rows clipped to the image range [-1, 1] (denoised images may overshoot it)."""
+    return np.clip(rows, -1.0, 1.0)
