@@ -10,7 +10,7 @@ import pytest
 from conftest import flip_bytes, largest_data_file, tiny_config
 from test_training import run_steps
 
-from sfbd_jax.utils import devices
+from sfbd_jax.utils import checkpoints, devices
 from sfbd_jax.utils.checkpoints import Checkpointer, CheckpointError
 
 
@@ -170,3 +170,35 @@ def test_replica_parallel_and_single_writer_checkpoints_restore_each_other(tmp_p
     for other in (from_parallel, from_single):
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(other), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_choosing_the_array_writer_prints_no_override_warning():
+    """Registering the single-writer array handler overrides Orbax's on purpose: its warning
+    about the override stays off the terminal, while other warnings still pass."""
+    import logging as std_logging
+
+    import orbax.checkpoint as ocp
+    from absl import logging
+
+    seen = []
+
+    class Collect(std_logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    collect = Collect()
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addHandler(collect)
+    try:
+        checkpoints.set_replica_parallel_writes(True)
+        checkpoints.set_replica_parallel_writes(False)
+        logging.warning("Type handler registry type: a later warning")
+        ours = list(seen)
+        # Control: Orbax's own override call does warn through the same logger.
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.get_type_handler(jax.Array), override=True)
+    finally:
+        absl_logger.removeHandler(collect)
+        checkpoints.write_replicated_arrays_once()
+    assert ours == ["Type handler registry type: a later warning"]
+    assert any("overriding" in m for m in seen[len(ours):])

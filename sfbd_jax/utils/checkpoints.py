@@ -44,10 +44,20 @@ def set_replica_parallel_writes(enabled: bool) -> None:
     its type handlers in one registry per process, so this holds for every later save)."""
     from orbax.checkpoint._src.metadata import array_metadata_store
 
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=enabled, array_metadata_store=array_metadata_store.Store()),
-        override=True)
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=enabled, array_metadata_store=array_metadata_store.Store())
+    # The override is the point: keep Orbax's "registry type ... overriding ..." warning for
+    # it off the user's terminal (other messages pass).
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addFilter(_drop_handler_override_warning)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.removeFilter(_drop_handler_override_warning)
+
+
+def _drop_handler_override_warning(record) -> bool:
+    return not record.getMessage().startswith("Type handler registry type")
 
 
 def write_replicated_arrays_once() -> None:
