@@ -15,6 +15,19 @@ import numpy as np
 RowTransform = Callable[[np.ndarray], np.ndarray]
 
 
+def locate_rows(index: np.ndarray, starts: np.ndarray, name: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 row numbers, the part holding each) of an integer ``index`` array into
+    parts that start at rows ``starts`` (their cumulative lengths, from 0); a clear error for
+    a non-integer or out-of-range index."""
+    if index.dtype == bool or not np.issubdtype(index.dtype, np.integer):
+        raise TypeError(f"{name}: index with an integer array, got {index.dtype}")
+    flat = index.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= starts[-1]):
+        raise IndexError(f"{name}: index out of range for {int(starts[-1])} rows")
+    return flat, np.searchsorted(starts, flat, side="right") - 1
+
+
 class ConcatenatedRows:
     """Row-indexable ``parts`` (each of shape (N_j, *S)) as one array of N = Σ N_j rows.
 
@@ -45,12 +58,7 @@ class ConcatenatedRows:
 
     def __getitem__(self, index) -> np.ndarray:
         index = np.asarray(index)
-        if not np.issubdtype(index.dtype, np.integer):
-            raise TypeError(f"{self.name}: index with an integer array, got {index.dtype}")
-        flat = index.reshape(-1).astype(np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
-            raise IndexError(f"{self.name}: index out of range for {len(self)} rows")
-        which = np.searchsorted(self.starts, flat, side="right") - 1
+        flat, which = locate_rows(index, self.starts, self.name)
         out = np.empty((flat.size, *self.shape[1:]), np.float32)
         for j in np.unique(which):
             sel = np.flatnonzero(which == j)

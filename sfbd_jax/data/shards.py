@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from sfbd_jax.data import rows as rows_lib
+
 
 class CorruptShardError(ValueError):
     """A shard file is missing, truncated or does not match its recorded checksum."""
@@ -122,12 +124,7 @@ class ShardedArray:
 
     def __getitem__(self, index) -> np.ndarray:
         index = np.asarray(index)
-        if index.dtype == bool or index.ndim == 0 and not np.issubdtype(index.dtype, np.integer):
-            raise TypeError("ShardedArray supports integer index arrays only")
-        flat = index.reshape(-1).astype(np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
-            raise IndexError(f"index out of range for {len(self)} rows")
-        which = np.searchsorted(self.starts, flat, side="right") - 1
+        flat, which = rows_lib.locate_rows(index, self.starts, "ShardedArray")
         out = np.empty((flat.size, *self.shape[1:]), self.dtype)
         for s in np.unique(which):
             sel = which == s
