@@ -123,9 +123,11 @@ class SFBDRun:
         loop.write_run_config(config, self.workdir)
         config = prepare_lib.with_output_dir(config, self.workdir)  # self.data_dir
         prepare_lib.prepare_on_main_process(config)  # a no-op when already prepared
-        data = PreparedDataset(self.data_dir)
+        # Both sets memory-mapped: pretraining and every forward step read their batches'
+        # rows from the shards (the denoised sets too), never a whole-set copy.
+        data = PreparedDataset(self.data_dir, lazy=True)
         clean = data.clean()
-        noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
+        noisy, _ = data.noisy()
         sigma_zeta = float(data.manifest["settings"]["corruption"]["sigma"])
         self._sigma_zeta, self._num_noisy = sigma_zeta, len(noisy)
         logging.info("SFBD on %s: %d clean + %d noisy images, σ_ζ = %g, %d rounds.",
