@@ -145,8 +145,6 @@ def test_replica_parallel_and_single_writer_checkpoints_restore_each_other(tmp_p
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh
 
-    from sfbd_jax.utils import checkpoints
-
     exp, state = trained
     replicated = devices.replicated(Mesh(np.array(two_devices), ("data",)))
     state = jax.device_put(state, replicated)

@@ -67,11 +67,6 @@ class ConcatenatedRows:
             out[sel] = part_rows if transform is None else transform(part_rows)
         return out.reshape(*index.shape, *self.shape[1:])
 
-    def chunks(self, rows_per_chunk: int = 4096):
-        """The union in order, as float32 arrays of at most ``rows_per_chunk`` rows."""
-        for start in range(0, len(self), rows_per_chunk):
-            yield self[np.arange(start, min(start + rows_per_chunk, len(self)))]
-
 
 def clip_to_image_range(rows: np.ndarray) -> np.ndarray:
     """Rows clipped to the image range [-1, 1] (denoised images may overshoot it)."""

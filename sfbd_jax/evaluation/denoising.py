@@ -17,7 +17,12 @@ def mse_psnr(estimate: np.ndarray, reference: np.ndarray) -> tuple[float, float]
     if estimate.shape != reference.shape:
         raise ValueError(f"shapes differ: {estimate.shape} vs {reference.shape}")
     mse = float(np.mean((np.asarray(estimate, np.float64) - reference) ** 2))
-    return mse, (10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf"))
+    return mse, psnr_of_mse(mse)
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a per-pixel MSE for images in [-1, 1] (peak-to-peak 2)."""
+    return 10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf")
 
 
 def against_originals(prepared_dir: str, images, rows_per_chunk: int = 4096
@@ -40,5 +45,4 @@ def against_originals(prepared_dir: str, images, rows_per_chunk: int = 4096
         squared += float(np.sum((np.clip(estimate, -1.0, 1.0) - originals[rows]) ** 2))
         values += estimate.size
     mse = squared / max(values, 1)
-    psnr = 10.0 * math.log10(4.0 / mse) if mse > 0 else float("inf")
-    return {"mse": mse, "psnr": psnr, "clipped_fraction": outside / max(values, 1)}
+    return {"mse": mse, "psnr": psnr_of_mse(mse), "clipped_fraction": outside / max(values, 1)}

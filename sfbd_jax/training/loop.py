@@ -48,9 +48,8 @@ class Programs:
     ``Experiment``.
     """
 
-    def __init__(self, config, mesh):
-        config = program_config(config)
-        self.config = config  # the keys it was built from (frozen)
+    def __init__(self, config: ml_collections.FrozenConfigDict, mesh):
+        self.config = config  # program_config of the Experiment's config (frozen)
         self.mesh = mesh
         self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
         self.model = unet.build_unet(config.model, config.data.image_size, config.data.channels)
@@ -116,12 +115,13 @@ _PROGRAMS_KEPT = 8
 def programs_for(config, mesh) -> Programs:
     """The shared ``Programs`` of ``config`` on ``mesh``; a new one when no config with the
     same values on the same devices was seen (among the last few)."""
-    key = (program_config(config).to_json_best_effort(sort_keys=True),
+    part = program_config(config)
+    key = (part.to_json_best_effort(sort_keys=True),
            tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, tuple(mesh.axis_names))
     if key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
     else:
-        _PROGRAMS[key] = Programs(config, mesh)
+        _PROGRAMS[key] = Programs(part, mesh)
         while len(_PROGRAMS) > _PROGRAMS_KEPT:
             _PROGRAMS.popitem(last=False)
     return _PROGRAMS[key]
@@ -191,7 +191,7 @@ class Experiment:
     # ----- sampling ----------------------------------------------------------------------
     def sampler(self, sigmas) -> Any:
         """The jitted sharded sampler for the grid ``sigmas`` (cached per grid)."""
-        cfg = self.config.sampler
+        cfg = self.programs.config.sampler  # the frozen values its programs are shared by
         sigmas = np.asarray(sigmas, np.float32)
         return self.programs.get(("sampler", tuple(sigmas.tolist())),
                                  lambda: sampler_lib.make_sharded_sampler(
