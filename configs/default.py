@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     # alike) to another class drawn from the class prior; 0 = none.
     c.corrupt.label_flip = 0.0
     c.corrupt.label_flip_seed = 0
-    c.corrupt.dtype = "float32"  # storage of the noisy values: float32 or float16.
+    c.corrupt.dtype = "float16"  # noisy values stored as float16 (rounding recorded) or float32.
     c.corrupt.shard_size = 10_000  # images per shard.
 
     # SFBD (config.mode = 'sfbd'); the noisy data come from config.corrupt.
@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sfbd.dps_prior_variance = False
     c.sfbd.denoise_batch_size = 256  # global, split over devices.
     c.sfbd.denoise_shard_size = 2_048  # images per D^(k) shard (a multiple of the batch).
+    c.sfbd.denoised_dtype = "float16"  # storage of D^(k) and of online SFBD's buffer.
     c.sfbd.clean_repeat = 1  # clean images appear this often in D^(k) ∪ D_clean (1 = uniform).
     c.sfbd.restart_warmup = False  # restart the lr warm-up every round (the reference bug).
     c.sfbd.eval_every_round = True  # sample grids after every round (else only the last).
@@ -269,6 +270,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Unroll those steps: required on CPU (XLA runs conv gradients ~40x slower in a rolled
     # loop); False keeps compile time short on GPU/TPU with many steps per dispatch.
     c.train.unroll_dispatch = True
+    # Dispatches whose batches a background thread gathers and places ahead of the devices
+    # (0 = each batch gathered when its dispatch starts). Runs whose data change between
+    # dispatches (online SFBD's buffer) gather synchronously.
+    c.train.prefetch_dispatches = 2
     c.train.log_every_steps = 50
     # Seconds between progress lines (phase, round, images, rate, phase and run ETA).
     c.train.progress_every_secs = 30.0

@@ -52,6 +52,9 @@ def validate_config(config) -> None:
                  "eval.num_samples", "eval.batch_size", "eval.swd_projections",
                  "eval.kid_subsets", "eval.kid_subset_size"):
         _positive(config, path)
+    if config.train.prefetch_dispatches < 0:
+        raise ValueError("config.train.prefetch_dispatches must be >= 0 (0 = no prefetch), got "
+                         f"{config.train.prefetch_dispatches}")
     if not config.model.channel_mult:
         raise ValueError("config.model.channel_mult must list at least one level")
     if not 0.0 <= config.model.dropout < 1.0:
@@ -215,6 +218,9 @@ def check_sfbd(config) -> None:
 def _check_backward(config) -> None:
     """What SFBD and online SFBD share: Gaussian noise to invert, pretraining, the backward
     step's grid."""
+    if config.sfbd.denoised_dtype not in ("float16", "float32"):
+        raise ValueError(f"config.sfbd.denoised_dtype must be 'float16' or 'float32', got "
+                         f"{config.sfbd.denoised_dtype!r}")
     cfg = config.sfbd
     if config.corrupt.type != "gaussian_noise":
         raise ValueError(f"{config.mode} deconvolves additive Gaussian noise: "

@@ -304,7 +304,7 @@ def test_folder_of_low_quality_images_and_known_noise(image_folder, tmp_path):
     assert facts["sigma_n"] == 0.3 and len(dataset) == len(ann) == 40
     np.testing.assert_array_equal(ann.sigma_n, np.r_[np.zeros(8), np.full(32, 0.3)])
     np.testing.assert_array_equal(ann.sigma_min, ann.sigma_n)
-    assert np.abs(dataset.images).max() > 1.0  # noisy values stay unclipped
+    assert np.abs(dataset.images.all_rows()).max() > 1.0  # noisy values stay unclipped
 
 
 def test_annotations_from_a_file(image_folder, tmp_path):

@@ -204,3 +204,85 @@ def test_lazy_batches_match_eager_batches(prepared, two_devices):
         clean = PreparedDataset(str(out), lazy=lazy).clean()
         got.append(np.asarray(pipeline.TrainBatches(clean, 8, 2, 0, mesh, 10).get(3)["image"]))
     np.testing.assert_array_equal(got[0], got[1])
+
+
+def test_storage_in_the_dtype_each_kind_needs(prepared):
+    """Clean images and originals as uint8 pixels (exact), noisy values as float16 within the
+    bound the manifest records, labels int32; everything read back as float32."""
+    import jax
+
+    from sfbd_jax import corruptions
+
+    out, manifest = prepared
+    assert manifest["format_version"] == 2
+    assert manifest["storage"] == {"clean": "uint8", "noisy": "float16", "eval_only": "uint8"}
+    dtypes = {g: {name: np.load(os.path.join(out, entries[0]["file"])).dtype
+                  for name, entries in manifest["shards"][g].items()}
+              for g in ("clean", "noisy", "eval_only")}
+    assert dtypes["clean"]["images"] == dtypes["eval_only"]["originals"] == np.uint8
+    assert dtypes["noisy"]["images"] == np.float16
+    assert dtypes["clean"]["labels"] == dtypes["noisy"]["labels"] == np.int32
+    source = sources.load_source(tiny_config(image_size=28).data)
+    for lazy in (False, True):
+        data = PreparedDataset(str(out), lazy=lazy)
+        noisy, index = data.noisy()
+        clean = data.clean()
+        read = (lambda x: x.all_rows()) if lazy else (lambda x: x)
+        # uint8 → float32 is exact: the very values of the source.
+        originals = eval_only.load_clean_originals(str(out), lazy=lazy)
+        np.testing.assert_array_equal(read(originals), source.images[index])
+        assert read(clean.images).dtype == np.float32
+        exact = corruptions.apply_corruption(
+            source.images[index], manifest["settings"]["corruption"],
+            jax.random.PRNGKey(manifest["settings"]["noise_seed"]), index)
+        error = np.abs(read(noisy.images) - exact)
+        assert 0 < error.max() <= manifest["storage_rounding"]["max_abs"] < 2e-3
+        rms = float(np.sqrt(np.mean(error.astype(np.float64) ** 2)))
+        assert rms == pytest.approx(manifest["storage_rounding"]["rms"], rel=1e-3)
+    # Disk: 784 B per clean image (was 3,136 as float32), 1,568 B per noisy one (was 3,136).
+    sizes = {g: os.path.getsize(os.path.join(out, manifest["shards"][g]["images"][0]["file"]))
+             / manifest["shards"][g]["images"][0]["rows"] for g in ("clean", "noisy")}
+    assert 784 <= sizes["clean"] < 790 and 1568 <= sizes["noisy"] < 1572
+
+
+def _as_format_1(src, dst):
+    """A copy of prepared set ``src`` as the project wrote it before compact storage: every
+    image shard float32, no storage record, format 1."""
+    import shutil
+
+    from sfbd_jax.data import shards
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / prepare.MANIFEST).read_text())
+    for group, name in (("clean", "images"), ("noisy", "images"), ("eval_only", "originals")):
+        entries = manifest["shards"][group][name]
+        for i, entry in enumerate(entries):
+            values = shards.read_images(str(dst), [entry])
+            entries[i] = shards.write_shard(str(dst), entry["file"], values)
+    manifest["format_version"] = 1
+    manifest["settings"]["dtype"] = manifest["storage_rounding"]["dtype"] = "float32"
+    del manifest["storage"]
+    (dst / prepare.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_old_float32_sets_still_read(prepared, tmp_path):
+    out, _ = prepared
+    old = tmp_path / "old"
+    _as_format_1(out, old)
+    assert np.load(old / "clean" / "images-00000.npy").dtype == np.float32
+    for lazy in (False, True):
+        new_data, old_data = PreparedDataset(str(out), lazy=lazy), PreparedDataset(str(old),
+                                                                                    lazy=lazy)
+        read = (lambda x: x.all_rows()) if lazy else (lambda x: x)
+        np.testing.assert_array_equal(read(old_data.clean().images),
+                                      read(new_data.clean().images))
+        np.testing.assert_array_equal(read(old_data.noisy()[0].images),
+                                      read(new_data.noisy()[0].images))
+    # Preparing with today's default (float16) finds the float32 set and reads it as stored;
+    # other settings are still refused.
+    c = mnist_prepare_config(old)
+    assert c.corrupt.dtype == "float16"
+    assert prepare.prepare(c)["format_version"] == 1
+    c.corrupt.split_seed += 1
+    with pytest.raises(FileExistsError, match="split_seed"):
+        prepare.prepare(c)

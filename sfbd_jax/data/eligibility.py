@@ -148,12 +148,13 @@ class AmbientBatches(pipeline.TrainBatches):
 
     def __init__(self, dataset: ImageDataset, annotations: Annotations, *, s_max: float,
                  p_mean: float, p_std: float, batch_size: int, steps_per_dispatch: int,
-                 seed: int, mesh, num_classes: int, random_flip: bool = False):
+                 seed: int, mesh, num_classes: int, random_flip: bool = False,
+                 unclipped: bool = False):
         if len(annotations) != len(dataset):
             raise ValueError(f"{len(annotations)} annotations for a data set of "
                              f"{len(dataset)} images")
         super().__init__(dataset, batch_size, steps_per_dispatch, seed, mesh, num_classes,
-                         random_flip)
+                         random_flip, unclipped=unclipped)
         self.sampler = EligibleSampler(annotations, s_max, p_mean, p_std)
 
     def draw(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -22,4 +22,4 @@ def load_clean_originals(directory: str, lazy: bool = False):
         return np.zeros((0, *manifest["image_shape"]), np.float32)
     if lazy:
         return shards.ShardedArray(directory, entries["originals"])
-    return shards.read_all(directory, entries["originals"])
+    return shards.read_images(directory, entries["originals"])

@@ -8,6 +8,11 @@ the same batches, on any number of devices or hosts.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
 import jax
 import numpy as np
 
@@ -93,11 +98,14 @@ class TrainBatches:
     """Stacks of ``steps_per_dispatch`` global batches as sharded arrays over ``mesh``.
 
     Each host gathers only the rows its devices hold. Batches carry ``label`` when the
-    model is class-conditional (``num_classes`` > 0, the labels checked against it).
+    model is class-conditional (``num_classes`` > 0, the labels checked against it). Rows of
+    a set read by index (not an in-memory array) are checked per batch: finite, and in
+    [-1, 1] unless ``unclipped`` (noisy values as stored).
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, steps_per_dispatch: int,
-                 seed: int, mesh, num_classes: int, random_flip: bool = False):
+                 seed: int, mesh, num_classes: int, random_flip: bool = False,
+                 unclipped: bool = False):
         devices.check_divisible(batch_size, mesh)
         use_labels = num_classes > 0
         if use_labels:
@@ -108,6 +116,7 @@ class TrainBatches:
         self.sharding = devices.batch_sharding(mesh, leading_axes=1)
         self.use_labels = use_labels
         self.random_flip = random_flip
+        self.unclipped = unclipped
         self.seed = seed
         shape = (steps_per_dispatch, batch_size)
         self.rows = devices.process_rows(self.sharding, shape, axis=1)
@@ -125,8 +134,12 @@ class TrainBatches:
         local = idx[:, self.rows]
         images = self.dataset.images[local]
         if not isinstance(self.dataset.images, np.ndarray):  # lazily read: check each batch
-            validate_images(images.reshape(-1, *images.shape[2:]), images.shape[2:],
-                            self.dataset.name)
+            flat = images.reshape(-1, *images.shape[2:])
+            validate_images(flat, images.shape[2:], self.dataset.name,
+                            check_values=not self.unclipped)
+            if self.unclipped and not np.all(np.isfinite(flat)):
+                raise ValueError(f"data set {self.dataset.name!r} contains NaN or infinite "
+                                 "pixel values")
             images = images.astype(np.float32)
         if self.random_flip:
             flips = np.stack([flip_mask(self.seed, first_step + i, idx.shape[1])[self.rows]
@@ -143,3 +156,90 @@ class TrainBatches:
     def _place(self, local: np.ndarray, global_index_shape) -> jax.Array:
         global_shape = tuple(global_index_shape) + local.shape[2:]
         return jax.make_array_from_process_local_data(self.sharding, local, global_shape)
+
+
+class Prefetcher:
+    """The batches of a phase's dispatches, made ahead by one background thread.
+
+    ``produce(first_step)`` (e.g. ``TrainBatches.get``: the host-side gather and the transfer to
+    the devices) runs for ``first_steps`` in order, at most ``depth`` dispatches ahead of
+    ``get``, while the devices compute. Batches are pure functions of the step, so what ``get``
+    returns is what ``produce`` would return when called in its place: resume and 1-vs-N-host
+    agreement are unchanged. An error in ``produce`` is raised by the ``get`` that wanted its
+    batch. ``close`` (also on leaving a ``with`` block) stops the thread and waits for it.
+    ``depth=0``: no thread, each batch made when asked. ``wait_seconds``: the time ``get`` spent
+    blocked (the training loop's input wait).
+    """
+
+    THREAD_NAME = "sfbd-prefetch"
+
+    def __init__(self, produce: Callable[[int], dict], first_steps: Iterable[int], depth: int):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self._produce = produce
+        self.depth = depth
+        self.wait_seconds = 0.0
+        self._thread = None
+        if depth:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(iter(first_steps),),
+                                            name=self.THREAD_NAME, daemon=True)
+            self._thread.start()
+
+    def _run(self, first_steps: Iterator[int]) -> None:
+        for first_step in first_steps:
+            try:
+                item = (first_step, self._produce(first_step), None)
+            except BaseException as err:  # handed to the consumer, which raises it
+                item = (first_step, None, err)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[2] is not None:
+                return
+
+    def get(self, first_step: int) -> dict:
+        """The batch of the dispatch starting at ``first_step`` (the next one in order)."""
+        start = time.perf_counter()
+        try:
+            if self._thread is None:
+                return self._produce(first_step)
+            while True:
+                try:
+                    made_for, batch, err = self._queue.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise RuntimeError("the prefetch thread ended without the batch of "
+                                           f"step {first_step}") from None
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+        if made_for != first_step:
+            raise RuntimeError(f"prefetched the batch of step {made_for}, asked for "
+                               f"{first_step}: dispatches must be taken in order")
+        if err is not None:
+            raise err
+        return batch
+
+    def close(self) -> None:
+        """Stop the thread (dropping batches made ahead) and wait until it has ended."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting for room
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+        self._thread = None
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -34,11 +34,11 @@ import numpy as np
 from absl import logging
 
 from sfbd_jax import config_checks, corruptions
-from sfbd_jax.data import shards, sources
+from sfbd_jax.data import pixels, shards, sources
 from sfbd_jax.utils import devices
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clean images and originals stored as uint8 pixels when exact
 PARAMS_BY_TYPE = config_checks.CORRUPTION_PARAMS
 SOURCE_KEYS = ("source", "tfds_name", "split", "data_dir", "folder", "image_size",
                "center_crop", "channels")
@@ -149,9 +149,20 @@ def _write_folder(config, chunk: int, writer: _ShardWriter, first_index: int) ->
     _, _, chunks = sources.iter_source(data, chunk)
     count = 0
     for images, _ in chunks:
-        writer.add(images=images, indices=first_index + np.arange(count, count + len(images)))
+        stored = pixels.exact_uint8(images)  # a folder's images are always uint8 pixels
+        if stored is None:
+            raise RuntimeError(f"images of {config.corrupt.folder} are not uint8 pixels")
+        writer.add(images=stored, indices=first_index + np.arange(count, count + len(images)))
         count += len(images)
     return count
+
+
+def _more_precise_copy(recorded: dict, asked: dict) -> bool:
+    """Whether a recorded set differs from the asked one only in storing its noisy values as
+    float32 where float16 is asked (e.g. a set prepared before float16 became the default):
+    the same corruption, read as stored."""
+    return (recorded.get("dtype"), asked.get("dtype")) == ("float32", "float16") and \
+        {**recorded, "dtype": None} == {**asked, "dtype": None}
 
 
 def shards_digest(manifest: dict, groups: tuple[str, ...] | None = None) -> str:
@@ -185,10 +196,18 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
     # A counting pass (streams; holds only the labels).
     source_labels = []
     num_examples = 0
+    all_uint8 = True  # are the source images exactly uint8 pixels (stored then as uint8)?
     for x, y in chunks:
         num_examples += len(x)
+        all_uint8 = all_uint8 and pixels.exact_uint8(x) is not None
         if y is not None:
             source_labels.append(np.asarray(y))
+    clean_storage = "uint8" if all_uint8 else "float32"
+
+    def as_stored(images: np.ndarray) -> np.ndarray:
+        """Clean images (and eval-only originals) as they are written: uint8 when exact."""
+        return pixels.exact_uint8(images) if all_uint8 else images.astype(np.float32)
+
     flip = _flip_labels(record, source_labels, num_examples, num_classes)
     clean_idx, noisy_idx = split_indices(num_examples, record["clean_count"],
                                          record["clean_fraction"], record["split_seed"])
@@ -211,17 +230,21 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
             labels = flip["labels"][index]
         extra = {} if labels is None else {"labels": labels[c]}
         if c.any():
-            clean_w.add(images=images[c], indices=index[c], **extra)
+            clean_w.add(images=as_stored(images[c]), indices=index[c], **extra)
         if n.any() and not from_folder:
             noisy = corruptions.apply_corruption(images[n], record["corruption"], key, index[n],
                                                  pad_to=chunk)
             stored = noisy.astype(dtype)
+            if not np.all(np.isfinite(stored)) and np.all(np.isfinite(noisy)):
+                raise OverflowError(
+                    f"corrupted values reach {float(np.abs(noisy).max()):.4g}, beyond the range "
+                    f"of {dtype.name}: prepare with config.corrupt.dtype='float32'")
             diff = stored.astype(np.float32) - noisy
             sq_err += float(np.sum(diff.astype(np.float64) ** 2))
             max_err = max(max_err, float(np.abs(diff).max()))
             noisy_w.add(images=stored, indices=index[n],
                         **({} if labels is None else {"labels": labels[n]}))
-            eval_w.add(originals=images[n])
+            eval_w.add(originals=as_stored(images[n]))
         logging.info("prepare: %d / %d images (%.0f s)", offset, num_examples, time.time() - t0)
     if from_folder:  # the low-quality group: the images of corrupt.folder, as they are
         noisy_idx = num_examples + np.arange(_write_folder(config, chunk, noisy_w, num_examples))
@@ -237,6 +260,9 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
         "image_shape": [config.data.image_size, config.data.image_size, config.data.channels],
         "counts": {"source": num_examples, "clean": int(len(clean_idx)),
                    "noisy": int(len(noisy_idx))},
+        "storage": {"clean": clean_storage,
+                    "noisy": "uint8" if from_folder else record["dtype"],
+                    "eval_only": clean_storage},
         "storage_rounding": {"dtype": record["dtype"], "max_abs": max_err,
                              "rms": (sq_err / max(len(noisy_idx) * pixels_per_image, 1)) ** 0.5},
         "shards": {"clean": clean_w.close(), "noisy": noisy_w.close(),
@@ -264,6 +290,10 @@ def prepare(config) -> dict:
         manifest = read_manifest(out)
         if manifest["settings"] == record:
             logging.info("%s already holds this prepared data set: nothing to do.", out)
+            return manifest
+        if _more_precise_copy(manifest["settings"], record):
+            logging.info("%s already holds this prepared data set with its noisy values in "
+                         "float32 (float16 asked): read as stored.", out)
             return manifest
         raise FileExistsError(
             f"{out} holds a data set prepared with other settings; refusing to overwrite. "

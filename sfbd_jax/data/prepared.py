@@ -12,7 +12,8 @@ from sfbd_jax.data.sources import ImageDataset
 
 
 class PreparedDataset:
-    """A prepared data directory; every shard is checksum-verified when read.
+    """A prepared data directory; every shard is checksum-verified when read. Images come out
+    as float32 in [-1, 1] (noisy ones unclipped) whatever their storage (``pixels``).
 
     ``lazy=True`` keeps the images memory-mapped (``shards.ShardedArray``): batches then read
     only their own rows, so each host of a multi-host run reads only what its devices use, and
@@ -38,7 +39,7 @@ class PreparedDataset:
             images = shards.ShardedArray(self.directory, entries["images"],
                                          verify=jax.process_index() == 0)
         else:
-            images = shards.read_all(self.directory, entries["images"])
+            images = shards.read_images(self.directory, entries["images"])
         labels = (shards.read_all(self.directory, entries["labels"])
                   if "labels" in entries else None)
         indices = shards.read_all(self.directory, entries["indices"])
@@ -51,15 +52,11 @@ class PreparedDataset:
     def clean(self) -> ImageDataset:
         """The clean subset: images in [-1, 1]."""
         images, labels, _ = self._part("clean")
-        return ImageDataset(self._float(images), labels, self.num_classes,
+        return ImageDataset(images, labels, self.num_classes,
                             f"{self.manifest['source_name']}:clean")
 
     def noisy(self) -> tuple[ImageDataset, np.ndarray]:
         """The corrupted set (values unclipped) and the source index of each image."""
         images, labels, indices = self._part("noisy")
-        return (ImageDataset(self._float(images), labels, self.num_classes,
+        return (ImageDataset(images, labels, self.num_classes,
                              f"{self.manifest['source_name']}:noisy"), indices)
-
-    @staticmethod
-    def _float(images):
-        return images if isinstance(images, shards.ShardedArray) else images.astype(np.float32)

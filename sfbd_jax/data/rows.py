@@ -62,10 +62,25 @@ class ConcatenatedRows:
         out = np.empty((flat.size, *self.shape[1:]), np.float32)
         for j in np.unique(which):
             sel = np.flatnonzero(which == j)
-            part_rows = np.asarray(self.parts[j][flat[sel] - self.starts[j]], np.float32)
-            transform = self.transforms[j]
-            out[sel] = part_rows if transform is None else transform(part_rows)
+            rows = flat[sel] - self.starts[j]
+            order = np.argsort(rows, kind="stable")  # ascending reads (memory maps)
+            out[sel[order]] = self._read_part(int(j), rows[order])
         return out.reshape(*index.shape, *self.shape[1:])
+
+    def all_rows(self) -> np.ndarray:
+        """Every row, float32, in one host array: an explicit whole-set copy (small sets)."""
+        return self[np.arange(len(self))]
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(f"{self.name}: a union read by index is never converted to one array "
+                        "implicitly (that would copy the whole set into memory); index it, or "
+                        "call .all_rows() where a whole copy is meant")
+
+    def _read_part(self, j: int, rows: np.ndarray) -> np.ndarray:
+        """Float32 rows ``rows`` (ascending) of part ``j``, its transform applied."""
+        part_rows = np.asarray(self.parts[j][rows], np.float32)
+        transform = self.transforms[j]
+        return part_rows if transform is None else transform(part_rows)
 
 
 def clip_to_image_range(rows: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from sfbd_jax.data import pixels
 from sfbd_jax.data import rows as rows_lib
 
 
@@ -89,16 +90,18 @@ def verify_shard(directory: str, entry: dict) -> None:
     read_shard(directory, entry)
 
 
-class ShardedArray:
-    """The rows of several ``.npy`` shards as one read-only array, memory-mapped.
+class ShardedArray(rows_lib.ConcatenatedRows):
+    """The image rows of several ``.npy`` shards as one read-only float32 array, memory-mapped.
 
-    ``array[indices]`` reads only the rows asked for, so on several hosts each host reads only
-    the examples its own devices consume. Opening checks every shard's .npy header and row count;
-    ``verify=True`` also checks the checksums (reads every file once).
+    ``array[indices]`` reads only the rows asked for (so on several hosts each host reads only
+    the examples its own devices consume) and decodes them per batch (``pixels.decode``: uint8
+    pixels → [-1, 1], float16 → float32); ``stored_dtype`` is what the shards hold. Opening
+    checks every shard's .npy header and row count; ``verify=True`` also checks the checksums
+    (reads every file once). The rows a batch reads are checked for NaN/inf there.
     """
 
     def __init__(self, directory: str, entries: list[dict], verify: bool = True):
-        self.parts, self.paths = [], []
+        parts, self.paths = [], []
         for entry in entries:
             if verify:
                 verify_shard(directory, entry)
@@ -110,31 +113,22 @@ class ShardedArray:
             if part.shape[0] != entry["rows"]:
                 raise CorruptShardError(f"shard {path} holds {part.shape[0]} rows, the "
                                         f"manifest says {entry['rows']}")
-            self.parts.append(part)
+            if part.dtype.name not in pixels.STORED_IMAGE_DTYPES:
+                raise CorruptShardError(f"shard {path} holds {part.dtype} values; image shards "
+                                        f"hold one of {pixels.STORED_IMAGE_DTYPES}")
+            parts.append(part)
             self.paths.append(path)
-        if not self.parts:
+        if not parts:
             raise ValueError("a sharded array needs at least one shard")
-        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
-        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
-        self.dtype = self.parts[0].dtype
-        self.ndim = len(self.shape)
+        super().__init__(parts, name="ShardedArray")
+        self.stored_dtype = parts[0].dtype
 
-    def __len__(self) -> int:
-        return self.shape[0]
+    def _read_part(self, j: int, rows: np.ndarray) -> np.ndarray:
+        stored = self.parts[j][rows]
+        check_finite(stored, self.paths[j], rows)
+        return pixels.decode(stored)
 
-    def __getitem__(self, index) -> np.ndarray:
-        index = np.asarray(index)
-        flat, which = rows_lib.locate_rows(index, self.starts, "ShardedArray")
-        out = np.empty((flat.size, *self.shape[1:]), self.dtype)
-        for s in np.unique(which):
-            sel = which == s
-            rows = flat[sel] - self.starts[s]
-            order = np.argsort(rows)  # sorted reads from the memory map
-            part_rows = self.parts[s][rows[order]]
-            # The rows a batch reads: checked also where the checksums were not verified here.
-            check_finite(part_rows, self.paths[s], rows[order])
-            out[np.flatnonzero(sel)[order]] = part_rows
-        return out.reshape(*index.shape, *self.shape[1:])
 
-    def to_numpy(self) -> np.ndarray:
-        return np.concatenate([np.asarray(p) for p in self.parts])
+def read_images(directory: str, entries: list[dict]) -> np.ndarray:
+    """The verified image shards ``entries`` in order, decoded to float32 (see ``pixels``)."""
+    return np.concatenate([pixels.decode(read_shard(directory, e)) for e in entries])

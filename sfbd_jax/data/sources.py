@@ -15,6 +15,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from sfbd_jax.data.pixels import uint8_to_unit_range
+
 MNIST5K_RELATIVE_PATH = os.path.join("data", "data", "mnist_5k.csv.gz")
 
 
@@ -30,11 +32,6 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-
-def uint8_to_unit_range(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels (0..255) → float32 in [-1, 1]."""
-    return images.astype(np.float32) / 127.5 - 1.0
 
 
 def mnist5k_path() -> str:

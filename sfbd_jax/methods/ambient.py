@@ -34,7 +34,7 @@ from clu import metric_writers
 
 from sfbd_jax import config_checks
 from sfbd_jax.data import annotations as annotations_lib
-from sfbd_jax.data import eligibility, pipeline
+from sfbd_jax.data import eligibility, pipeline, rows
 from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
@@ -67,7 +67,7 @@ def classifier_dir(config, workdir: str, manifest: dict) -> str:
 def train_classifier(config, workdir: str, mesh, writer=None) -> tuple[dict, dict]:
     """Train (or load, when already trained with these settings) the noise-conditional
     classifier on the prepared data of ``config``; returns (params, meta)."""
-    data = PreparedDataset(config.corrupt.output_dir)
+    data = PreparedDataset(config.corrupt.output_dir, lazy=True)  # batches read their rows
     directory = classifier_dir(config, workdir, data.manifest)
     loaded = noise_classifier.load(directory, noise_classifier.init_template(config))
     if loaded is not None:
@@ -171,10 +171,13 @@ def annotate(config, workdir: str, mesh, writer=None) -> str:
 
 def training_set(config, workdir: str, mesh, writer=None
                  ) -> tuple[ImageDataset, eligibility.Annotations, dict]:
-    """clean ∪ low-quality images (in memory) with their annotations, and facts for the
-    summary."""
+    """clean ∪ low-quality images with their annotations, and facts for the summary.
+
+    The images are an index-level union of the memory-mapped shards (``rows.ConcatenatedRows``):
+    batches read their own rows; values are checked per batch (``facts['sigma_n'] > 0``:
+    noisy values, unclipped, are checked to be finite only)."""
     name = annotate(config, workdir, mesh, writer)
-    data = PreparedDataset(config.corrupt.output_dir)
+    data = PreparedDataset(config.corrupt.output_dir, lazy=True)
     clean = data.clean()
     bad, _ = data.noisy()
     stored = annotations_lib.load(config.corrupt.output_dir, name)
@@ -187,14 +190,11 @@ def training_set(config, workdir: str, mesh, writer=None
     clean_ann = eligibility.Annotations.make(np.zeros(len(clean)))
     ann = eligibility.Annotations.concatenate([clean_ann, bad_ann])
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    pipeline.validate_images(clean.images, shape, clean.name)
-    if sigma_n.max(initial=0.0) > 0:  # noisy values are unclipped: check they are finite only
-        pipeline.validate_images(bad.images, shape, bad.name, check_values=False)
-        if not np.isfinite(bad.images).all():
-            raise ValueError(f"data set {bad.name!r} contains NaN or infinite pixel values")
-    else:
-        pipeline.validate_images(bad.images, shape, bad.name)
-    images = np.concatenate([clean.images, bad.images]).astype(np.float32)
+    for part in (clean, bad):
+        if len(part):
+            pipeline.validate_images(part.images, shape, part.name, check_values=False)
+    parts = [p.images for p in (clean, bad) if len(p)]
+    images = rows.ConcatenatedRows(parts, name="clean+low_quality")
     labels = (np.concatenate([clean.labels, bad.labels])
               if clean.labels is not None and bad.labels is not None else None)
     dataset = ImageDataset(images, labels, clean.num_classes, "clean+low_quality")
@@ -228,7 +228,7 @@ def run_ambient(config, workdir: str) -> TrainState:
         dataset, ann, s_max=config.ambient.s_max, p_mean=d.p_mean, p_std=d.p_std,
         batch_size=config.train.batch_size, steps_per_dispatch=config.train.steps_per_dispatch,
         seed=config.seed, mesh=experiment.mesh, num_classes=config.model.num_classes,
-        random_flip=config.data.random_flip)
+        random_flip=config.data.random_flip, unclipped=facts["sigma_n"] > 0)
     facts["low_quality_share"] = low_quality_share(batches.sampler, facts["clean"], config.seed)
     logging.info("Ambient-Omni: %d clean + %d low-quality images (annotation %s, σ_n = %g); "
                  "low-quality share of the batches %.3f.", facts["clean"],

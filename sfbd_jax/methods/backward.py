@@ -155,14 +155,16 @@ def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, bat
 def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_size: int,
                 shard_size: int, key: jax.Array, settings: dict,
                 labels: np.ndarray | None = None,
-                on_progress: Callable[[int], None] | None = None) -> list[dict]:
+                on_progress: Callable[[int], None] | None = None,
+                store_dtype: str = "float32") -> list[dict]:
     """Denoise every row of ``noisy`` (N, H, W, C; an array or a lazy ShardedArray) with
     ``sample(params, x, labels, key)`` (e.g. the sharded sampler on ``sigmas_from_level``) into
     shards under ``out_dir``; returns the shard entries (``file``, ``rows``, ``sha256``,
     ``start``). ``labels`` (N,): the class of each row, for a class-conditional model
     (conditional SFBD). ``settings`` identifies the pass (round, σ_ζ, grid, …): recorded shards made
     with other settings are never reused. ``on_progress`` is called with the number of rows
-    done (reused shards included) after every batch."""
+    done (reused shards included) after every batch. Shards hold ``store_dtype`` values
+    (config.sfbd.denoised_dtype; recorded shards of another dtype are reused as they are)."""
     devices.check_divisible(batch_size, mesh, "the denoising batch size")
     if shard_size % batch_size:
         raise ValueError(f"denoising shard size {shard_size} must be a multiple of the batch "
@@ -211,7 +213,8 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
                 f"nothing was written for rows {start}..{stop - 1}. The model that denoises "
                 "has diverged: check the previous round's training loss.")
         if jax.process_index() == 0:  # written once; the others read the record below
-            entry = shards.write_shard(out_dir, f"denoised-{start:09d}.npy", denoised)
+            entry = shards.write_shard(out_dir, f"denoised-{start:09d}.npy",
+                                       denoised.astype(store_dtype))
             entry["start"] = start
             entries.append(entry)
             jsonfile.write_json(os.path.join(out_dir, PROGRESS),

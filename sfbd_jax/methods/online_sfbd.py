@@ -56,7 +56,7 @@ from clu import metric_writers
 from sfbd_jax import config_checks
 from sfbd_jax.data import pipeline, shards
 from sfbd_jax.data import prepare as prepare_lib
-from sfbd_jax.data.eval_only import load_clean_originals
+from sfbd_jax.data import rows as rows_lib
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.evaluation import denoising, distances, training_sets
@@ -214,9 +214,9 @@ class OnlineSFBDRun:
         loop.write_run_config(config, self.workdir)
         config = prepare_lib.with_output_dir(config, self.workdir)
         prepare_lib.prepare_on_main_process(config)
-        data = PreparedDataset(self.data_dir)
+        data = PreparedDataset(self.data_dir, lazy=True)  # batches read their rows
         clean = data.clean()
-        noisy, _ = PreparedDataset(self.data_dir, lazy=True).noisy()
+        noisy, _ = data.noisy()
         self.noisy = noisy
         self.sigma_zeta = float(data.manifest["settings"]["corruption"]["sigma"])
         oc = config.online
@@ -230,10 +230,18 @@ class OnlineSFBDRun:
         self.noisy_labels = noisy.labels if config.model.num_classes > 0 else None
         self.order = refresh_order(len(noisy), config.seed)
         self.num_clean = len(clean)
-        union = np.zeros((len(clean) + len(noisy), *clean.images.shape[1:]), np.float32)
-        union[: len(clean)] = clean.images
+        # The buffer: the latest denoised version of every noisy image (unclipped), in a
+        # writable memory map of this process (rebuilt from the refresh files on every start);
+        # training reads clean ∪ buffer by index, the buffer clipped to [-1, 1].
+        os.makedirs(self.refresh_dir, exist_ok=True)
+        self.raw = np.lib.format.open_memmap(
+            os.path.join(self.refresh_dir, f"buffer-process{jax.process_index()}.npy"),
+            mode="w+", dtype=config.sfbd.denoised_dtype,
+            shape=(len(noisy), *noisy.images.shape[1:]))
+        parts = [clean.images, self.raw] if len(clean) else [self.raw]
+        union = rows_lib.ConcatenatedRows(parts, [None, rows_lib.clip_to_image_range][-len(parts):],
+                                      name="clean+buffer")
         self.union = union
-        self.raw = np.zeros((len(noisy), *clean.images.shape[1:]), np.float32)
         self.last_refresh_step = np.full(len(noisy), -1, np.int64)
         self._records: dict[int, dict] = {}  # refresh j → its record (committed rows, …)
         self._sample = self._make_sampler()
@@ -349,6 +357,8 @@ class OnlineSFBDRun:
                 f"online SFBD refresh {j} (step {int(state.step)}) produced NaN or infinite "
                 f"images for {bad.size} noisy row(s) ({', '.join(map(str, rows[bad][:10]))}); "
                 "the model has diverged: check the training loss")
+        # As stored (config.sfbd.denoised_dtype): the rule judges what training will read.
+        denoised = denoised.astype(self.raw.dtype).astype(np.float32)
         decision: dict = {}
         commit = np.ones(len(rows), bool)
         if oc.refresh_rule == "adaptive":
@@ -362,7 +372,7 @@ class OnlineSFBDRun:
         if jax.process_index() == 0:
             path = self._path(j)
             entry = shards.write_shard(self.refresh_dir, os.path.basename(path) + ".npy.tmp",
-                                       denoised)
+                                       denoised.astype(self.raw.dtype))
             os.replace(path + ".npy.tmp", path + ".npy")
             jsonfile.write_json(path + ".json", {**record, "rows": entry["rows"],
                                                  "sha256": entry["sha256"]})
@@ -390,12 +400,12 @@ class OnlineSFBDRun:
 
     def _adaptive_clean_features(self) -> np.ndarray:
         if not hasattr(self, "_clean_features"):
-            self._clean_features = self._adaptive_features(self.union[: self.num_clean])
+            self._clean_features = self._adaptive_features(
+                self.union[np.arange(self.num_clean)])
         return self._clean_features
 
     def _apply(self, rows: np.ndarray, denoised: np.ndarray, step: int) -> None:
-        self.raw[rows] = denoised
-        self.union[self.num_clean + rows] = np.clip(denoised, -1.0, 1.0)
+        self.raw[rows] = denoised  # stored as config.sfbd.denoised_dtype
         self.last_refresh_step[rows] = step
 
     def _record(self, j: int) -> dict | None:
@@ -514,15 +524,10 @@ class OnlineSFBDRun:
                "refreshes": float(refreshes)}
         if done.any():
             out["mean_age_steps"] = float(np.mean(step - self.last_refresh_step[done]))
-            originals = self._originals()[done]
-            mse, psnr = denoising.mse_psnr(np.clip(self.raw[done], -1.0, 1.0), originals)
-            out.update(buffer_mse=mse, buffer_psnr=psnr)
+            quality = denoising.against_originals(self.data_dir, self.raw,
+                                                  which=np.flatnonzero(done))
+            out.update(buffer_mse=quality["mse"], buffer_psnr=quality["psnr"])
         return out
-
-    def _originals(self) -> np.ndarray:
-        if not hasattr(self, "_originals_cache"):
-            self._originals_cache = load_clean_originals(self.data_dir)
-        return self._originals_cache
 
     def _summary(self) -> list:
         return jsonfile.read_json(os.path.join(self.workdir, SUMMARY), [])

@@ -238,7 +238,8 @@ class SFBDRun:
                                        batch_size=cfg.denoise_batch_size,
                                        shard_size=cfg.denoise_shard_size, key=key,
                                        settings=settings, labels=labels,
-                                       on_progress=self.progress.update)
+                                       on_progress=self.progress.update,
+                                       store_dtype=cfg.denoised_dtype)
         self.progress.end()
         # Memory-mapped: the forward step reads its batches' rows from the shards.
         return shards.ShardedArray(out_dir, entries, verify=jax.process_index() == 0)

@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers
 
 from sfbd_jax.config_checks import validate_config
-from sfbd_jax.data import pipeline, sources
+from sfbd_jax.data import pipeline, rows, sources
 from sfbd_jax.diffusion import sampler as sampler_lib
 from sfbd_jax.models import precond, unet
 from sfbd_jax.training import optim, step
@@ -276,7 +276,26 @@ class Experiment:
                 tag, images_of(end_step), writer=progress_lib.tensorboard_writer(workdir),
                 every_secs=cfg.progress_every_secs)
         progress.begin(tag, images_of(step_now))
-        t_last, step_last = time.time(), step_now
+        # Batches made ahead by a thread, unless the data change between dispatches.
+        depth = cfg.prefetch_dispatches if before_dispatch is None else 0
+        with pipeline.Prefetcher(batches.get, range(step_now - phase_start_step,
+                                                    end_step - phase_start_step, k),
+                                 depth) as source:
+            state = self._train_loop(state, source, step_now, end_step, phase_start_step,
+                                     checkpointer, writer, workdir, tag, before_dispatch,
+                                     progress)
+        progress.end()
+        if own_progress:
+            progress.close()
+        return state
+
+    def _train_loop(self, state, source, step_now, end_step, phase_start_step, checkpointer,
+                    writer, workdir, tag, before_dispatch, progress) -> TrainState:
+        """The dispatches of ``train`` (see there), batches from ``source``."""
+        cfg = self.config.train
+        k = cfg.steps_per_dispatch
+        images_of = lambda step_: (step_ - phase_start_step) * cfg.batch_size
+        t_last, step_last, wait_last = time.time(), step_now, source.wait_seconds
         first_nonfinite = jnp.full((2,), -1, jnp.int32)  # (loss, gradient): see step.py
         while step_now < end_step:
             if before_dispatch is not None:
@@ -286,7 +305,7 @@ class Experiment:
                               "minute or more on a busy CPU; XLA may call it a 'very slow "
                               "compile', which is harmless).")
                 t_compile = time.time()
-            state, metrics = self.train_step(state, batches.get(step_now - phase_start_step))
+            state, metrics = self.train_step(state, source.get(step_now - phase_start_step))
             if not self.programs.train_step_compiled:
                 jax.block_until_ready(metrics)
                 self.programs.train_step_compiled = True
@@ -303,20 +322,20 @@ class Experiment:
                 scalars["lr"] = float(self.lr_schedule(step_now - 1))
                 scalars["images_seen"] = float(state.images_seen)
                 scalars["images_per_sec"] = (step_now - step_last) * cfg.batch_size / elapsed
+                # The share of the loop's time spent waiting for batches (gather + transfer
+                # not hidden behind the devices' work).
+                scalars["input_wait_fraction"] = (source.wait_seconds - wait_last) / elapsed
                 writer.write_scalars(step_now, {f"{tag}/{n}": v for n, v in scalars.items()})
                 self.last_scalars = scalars
                 if step_now == end_step:  # before the checkpoint that ends the phase
                     record_phase_end(workdir, tag, step_now, scalars["loss"])
-                t_last, step_last = time.time(), step_now
+                t_last, step_last, wait_last = time.time(), step_now, source.wait_seconds
             if due(cfg.checkpoint_every_steps) or step_now == end_step:
                 if not due(cfg.log_every_steps) and step_now != end_step:
                     check_nonfinite(first_nonfinite, checkpointer)
                 checkpointer.save(step_now, state)
             if due(cfg.sample_every_steps) and step_now != end_step:
                 self.write_samples(state, workdir, writer, f"{tag}_step{step_now:07d}")
-        progress.end()
-        if own_progress:
-            progress.close()
         return state
 
 
@@ -404,16 +423,17 @@ def edm_dataset(config, workdir: str) -> sources.ImageDataset:
 
     config = prepare.with_output_dir(config, workdir)
     prepare.prepare_on_main_process(config)
-    clean = PreparedDataset(config.corrupt.output_dir).clean()
+    data = PreparedDataset(config.corrupt.output_dir, lazy=True)  # batches read their rows
+    clean = data.clean()
     if config.data.prepared_group == "clean":
         return clean
-    noisy, _ = PreparedDataset(config.corrupt.output_dir).noisy()
-    # NaN survives the clipping: Experiment.train's validation names it.
-    images = np.concatenate([np.clip(noisy.images, -1.0, 1.0), clean.images])
+    noisy, _ = data.noisy()
+    # An index-level union; NaN survives the clipping: the per-batch check names it.
+    images = rows.ConcatenatedRows([noisy.images, clean.images],
+                                   [rows.clip_to_image_range, None], name="noisy+clean")
     labels = (np.concatenate([noisy.labels, clean.labels])
               if noisy.labels is not None and clean.labels is not None else None)
-    return sources.ImageDataset(images.astype(np.float32), labels, clean.num_classes,
-                                "noisy+clean")
+    return sources.ImageDataset(images, labels, clean.num_classes, "noisy+clean")
 
 
 def train_and_evaluate(config, workdir: str,

@@ -1,0 +1,292 @@
+"""Data at scale: host memory, input speed and disk of the streamed input as the set grows.
+
+    python benchmarks/data_scale.py --out runs/data_scale --sizes 10000,100000 --image_size 32
+    python benchmarks/data_scale.py --out runs/data_scale --sizes 1000000 --image_size 64
+
+For each size a synthetic prepared data set (smooth random uint8 images, 10% clean, the rest
+with σ_ζ = 0.2 Gaussian noise) is written by the project's own ``prepare`` (compact storage,
+checksums, manifest) under OUT/data/ — never committed; then, each in a fresh process:
+
+* ``sfbd_round``: one SFBD round (pretraining, the backward pass over *every* noisy image,
+  the forward step on D^(1) ∪ D_clean) with a tiny network and a short backward grid;
+* ``ambient``: an Ambient-Omni run (fixed annotation) over clean ∪ noisy;
+* ``speed``: training images/s and the share of the loop's time spent waiting for input, for
+  the streamed set (memory-mapped shards) with and without prefetch, and for the same images
+  held in memory (only where they fit: the 10k set).
+
+Memory is the process's peak RssAnon (anonymous memory: heap, arrays; file-backed pages of
+the memory-mapped shards excluded), sampled every 50 ms. Disk: bytes per image of each group
+against float32 storage. Rows already in OUT/results.jsonl are skipped (resumable row by row);
+``--report`` prints the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("out", "runs/data_scale", "Output directory (data sets, results).")
+flags.DEFINE_string("sizes", "10000,100000", "Data set sizes (images).")
+flags.DEFINE_integer("image_size", 32, "Image side (3 channels).")
+flags.DEFINE_string("kinds", "sfbd_round,ambient,speed", "What to measure.")
+flags.DEFINE_bool("report", False, "Print the tables of OUT/results.jsonl and exit.")
+flags.DEFINE_string("worker", "", "Internal: run one measurement and print its JSON.")
+flags.DEFINE_string("data", "", "Internal: the prepared data directory.")
+FLAGS = flags.FLAGS
+
+CLEAN_FRACTION = 0.1
+SIGMA = 0.2
+
+
+def synthetic_chunks(num: int, size: int, chunk: int, seed: int = 0):
+    """Smooth random RGB uint8 images (8×8 random patterns upsampled), chunk by chunk; the
+    same images on every pass."""
+    import numpy as np
+
+    from sfbd_jax.data.pixels import uint8_to_unit_range
+
+    for start in range(0, num, chunk):
+        rows = min(chunk, num - start)
+        rng = np.random.default_rng([seed, start])
+        coarse = rng.integers(0, 256, (rows, 8, 8, 3), dtype=np.uint8)
+        pixels = np.repeat(np.repeat(coarse, size // 8, axis=1), size // 8, axis=2)
+        yield uint8_to_unit_range(pixels), None
+
+
+def base_config(data_dir: str, size: int):
+    from configs import default
+
+    c = default.get_config()
+    # Named as a tfds set (never loaded: the prepared set exists before any run reads it).
+    c.data.image_size, c.data.channels, c.data.source = size, 3, "tfds"
+    c.data.tfds_name = f"synthetic/{os.path.basename(data_dir)}"
+    c.data.random_flip = False
+    c.corrupt.output_dir = data_dir
+    c.corrupt.clean_count, c.corrupt.clean_fraction = 0, CLEAN_FRACTION
+    c.corrupt.sigma = SIGMA
+    c.corrupt.shard_size = 10_000
+    c.model.base_channels, c.model.channel_mult, c.model.num_blocks = 8, (1, 2), 1
+    c.model.attn_resolutions, c.model.channels_per_head, c.model.emb_mult = (), 8, 2
+    c.train.batch_size, c.train.steps_per_dispatch = 64, 1
+    c.train.log_every_steps, c.train.checkpoint_every_steps = 10, 10_000
+    c.train.sample_every_steps, c.train.num_samples = 0, 4
+    c.train.async_checkpoints = False
+    c.sampler.num_steps = 4
+    c.optim.warmup_images, c.ema.halflife_images = 640, 640
+    return c
+
+
+def prepare_synthetic(data_dir: str, num: int, size: int) -> dict:
+    """Write (or find) the synthetic prepared set; returns its manifest."""
+    from sfbd_jax.data import prepare, sources
+
+    def fake_source(data_config, chunk_size=1024):
+        return "synthetic", 0, synthetic_chunks(num, size, chunk_size)
+
+    real = sources.iter_source
+    sources.iter_source = fake_source
+    try:
+        return prepare.prepare(base_config(data_dir, size))
+    finally:
+        sources.iter_source = real
+
+
+class PeakAnon:
+    """The peak RssAnon (MiB) of this process, sampled every 50 ms by a thread."""
+
+    def __init__(self):
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.05)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+        return self.peak
+
+
+def worker(kind: str, data_dir: str, size: int) -> dict:
+    import jax
+
+    from sfbd_jax import run as run_lib
+
+    run_lib._setup()
+    config = base_config(data_dir, size)
+    workdir = os.path.join(os.path.dirname(os.path.dirname(data_dir)), "work",
+                           f"{kind}-{os.path.basename(data_dir)}")
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    memory = PeakAnon()
+    start = time.perf_counter()
+    out: dict = {}
+    if kind == "sfbd_round":
+        config.mode = "sfbd"
+        config.sfbd.pretrain_images = config.sfbd.images_per_round = 640
+        config.sfbd.rounds = 1
+        config.sfbd.backward_num_steps = 4  # a short grid from σ_ζ: the data path is measured
+        config.sfbd.denoise_batch_size = 1000
+        config.sfbd.denoise_shard_size = 10_000
+        config.sfbd.eval_every_round = False
+        run_lib.run(config, workdir)
+    elif kind == "ambient":
+        config.mode = "ambient"
+        config.train.total_images = 1280
+        config.ambient.annotation = "fixed"
+        run_lib.run(config, workdir)
+    elif kind.startswith("speed"):
+        out.update(speed(config, data_dir, workdir, kind))
+    else:
+        raise ValueError(kind)
+    out.update(peak_rss_anon_mib=memory.stop(), seconds=time.perf_counter() - start,
+               devices=jax.device_count())
+    return out
+
+
+def speed(config, data_dir: str, workdir: str, kind: str) -> dict:
+    """Images/s and input wait of ``kind`` = speed-{streamed,streamed_noprefetch,memory}."""
+    import numpy as np
+
+    from sfbd_jax.data.prepared import PreparedDataset
+    from sfbd_jax.data.sources import ImageDataset
+    from sfbd_jax.training.loop import Experiment
+    from sfbd_jax.utils.checkpoints import Checkpointer
+
+    from sfbd_jax.data import rows
+
+    variant = kind.split("-", 1)[1]
+    noisy, _ = PreparedDataset(data_dir, lazy=True).noisy()  # the largest group, clipped
+    images = rows.ConcatenatedRows([noisy.images], [rows.clip_to_image_range], name="noisy")
+    dataset = ImageDataset(images, None, 0, "noisy")
+    if variant == "memory":
+        dataset = ImageDataset(images.all_rows(), None, 0, "noisy in memory")
+    config.train.prefetch_dispatches = 0 if variant == "streamed_noprefetch" else 2
+    exp = Experiment(config)
+    ckpt = Checkpointer(os.path.join(workdir, "ckpt"), enable_async=False)
+
+    class Writer:
+        scalars: list = []
+
+        def write_scalars(self, step, scalars):
+            self.scalars.append(scalars)
+
+    writer = Writer()
+    warm, steps = 20, 220  # the first 20 steps compile; measured: steps 20..220
+    state = exp.train(exp.init_state(), dataset, end_step=warm, phase_start_step=0,
+                      data_seed=0, checkpointer=ckpt, writer=writer, workdir=workdir)
+    writer.scalars.clear()
+    state = exp.train(state, dataset, end_step=steps, phase_start_step=0, data_seed=0,
+                      checkpointer=ckpt, writer=writer, workdir=workdir)
+    ckpt.close()
+    rates = [s["train/images_per_sec"] for s in writer.scalars]
+    waits = [s["train/input_wait_fraction"] for s in writer.scalars]
+    return {"images_per_sec": float(np.mean(rates)), "input_wait_fraction": float(np.mean(waits)),
+            "measured_steps": steps - warm}
+
+
+def disk_figures(data_dir: str, manifest: dict) -> dict:
+    """Bytes per image of each group as stored, and as float32 (the storage before)."""
+    shape = manifest["image_shape"]
+    float32 = 4 * shape[0] * shape[1] * shape[2]
+    out = {}
+    for group, name in (("clean", "images"), ("noisy", "images"), ("eval_only", "originals")):
+        entries = manifest["shards"][group].get(name, [])
+        rows = sum(e["rows"] for e in entries)
+        if rows:
+            size = sum(os.path.getsize(os.path.join(data_dir, e["file"])) for e in entries)
+            out[group] = {"bytes_per_image": size / rows, "float32_bytes_per_image": float32,
+                          "dtype": manifest["storage"][group]}
+    return out
+
+
+def _rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def report(out: str) -> None:
+    rows = _rows(os.path.join(out, "results.jsonl"))
+    print("| set | kind | peak RssAnon (MiB) | images/s | input wait | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['images']:,} × {r['image_size']}² | {r['kind']} | "
+              f"{r.get('peak_rss_anon_mib', float('nan')):.0f} | "
+              f"{r.get('images_per_sec', float('nan')):.1f} | "
+              f"{r.get('input_wait_fraction', float('nan')):.3f} | {r['seconds']:.0f} |")
+    for r in rows:
+        if r["kind"] == "disk":
+            print(f"disk {r['images']:,} × {r['image_size']}²: " + "; ".join(
+                f"{g} {v['dtype']} {v['bytes_per_image']:.0f} B/image (float32: "
+                f"{v['float32_bytes_per_image']} B)" for g, v in r["groups"].items()))
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        print("RESULT " + json.dumps(worker(FLAGS.worker, FLAGS.data, FLAGS.image_size)))
+        return
+    out = os.path.abspath(FLAGS.out)
+    if FLAGS.report:
+        report(out)
+        return
+    os.makedirs(out, exist_ok=True)
+    results = os.path.join(out, "results.jsonl")
+    done = {(r["kind"], r["images"], r["image_size"]) for r in _rows(results)}
+    for num in (int(s) for s in FLAGS.sizes.split(",")):
+        data_dir = os.path.join(out, "data", f"synthetic{num}_{FLAGS.image_size}")
+        t0 = time.perf_counter()
+        manifest = prepare_synthetic(data_dir, num, FLAGS.image_size)
+        kinds = ["disk"] + [k for k in FLAGS.kinds.split(",") if k != "speed"]
+        if "speed" in FLAGS.kinds.split(","):
+            kinds += ["speed-streamed", "speed-streamed_noprefetch"]
+            if num <= 10_000:
+                kinds.append("speed-memory")
+        for kind in kinds:
+            if (kind, num, FLAGS.image_size) in done:
+                continue
+            row = {"kind": kind, "images": num, "image_size": FLAGS.image_size,
+                   "machine": f"{os.cpu_count()} CPU cores"}
+            if kind == "disk":
+                row.update(groups=disk_figures(data_dir, manifest),
+                           seconds=time.perf_counter() - t0)
+            else:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--data",
+                       data_dir, "--image_size", str(FLAGS.image_size)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    raise RuntimeError(f"{kind} at {num} failed:\n{proc.stderr[-4000:]}")
+                row.update(json.loads(lines[-1][len("RESULT "):]))
+            with open(results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    report(out)
+
+
+if __name__ == "__main__":
+    app.run(main)
