@@ -95,8 +95,10 @@ def test_two_processes_match_one_process(tmp_path):
         os.listdir(one / "denoised" / "round_1"))
     for name in sorted(os.listdir(one / "denoised" / "round_1")):
         if name.endswith(".npy"):
+            # float16 storage: round-off of the float32 sums may flip the last bit (2^-10).
             np.testing.assert_allclose(np.load(two / "denoised" / "round_1" / name),
-                                       np.load(one / "denoised" / "round_1" / name), atol=1e-5)
+                                       np.load(one / "denoised" / "round_1" / name),
+                                       rtol=2**-10, atol=1e-5)
     for k in (0, 1):
         _assert_states_close(_state(one, "rounds", k), _state(two, "rounds", k))
 
@@ -124,8 +126,7 @@ def test_ambient_and_its_evaluation_on_two_processes_match_one_process(tmp_path)
     for i, log in enumerate(logs):
         assert f"process {i}/2" in log and "Ambient-Omni" in log
     _assert_states_close(_state(one), _state(two))
-    for directory in (one, two):  # the evaluation's logs apart from the training's
-        os.rename(directory / "logs", directory / "train_logs")
+    os.rename(two / "logs", two / "train_logs")  # the evaluation's logs apart
     _one_and_two(one, two, _eval_overrides(one), _eval_overrides(two))
     results = [json.loads(next((d / "eval").glob("step*.json")).read_text()) for d in (one, two)]
     numbers = [k for k, v in results[0].items() if isinstance(v, float) and "seconds" not in k]
