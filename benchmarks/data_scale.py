@@ -37,6 +37,7 @@ flags.DEFINE_string("out", "runs/data_scale", "Output directory (data sets, resu
 flags.DEFINE_string("sizes", "10000,100000", "Data set sizes (images).")
 flags.DEFINE_integer("image_size", 32, "Image side (3 channels).")
 flags.DEFINE_string("kinds", "sfbd_round,ambient,speed", "What to measure.")
+flags.DEFINE_integer("repeats", 1, "Speed measurements per variant, interleaved.")
 flags.DEFINE_bool("report", False, "Print the tables of OUT/results.jsonl and exit.")
 flags.DEFINE_string("worker", "", "Internal: run one measurement and print its JSON.")
 flags.DEFINE_string("data", "", "Internal: the prepared data directory.")
@@ -158,7 +159,9 @@ def worker(kind: str, data_dir: str, size: int) -> dict:
         config.ambient.annotation = "fixed"
         run_lib.run(config, workdir)
     elif kind.startswith("speed"):
-        out.update(speed(config, data_dir, workdir, kind))
+        out.update(speed(config, data_dir, workdir, kind.split("#")[0]))
+    elif kind == "gather":
+        out.update(gather(data_dir))
     else:
         raise ValueError(kind)
     out.update(peak_rss_anon_mib=memory.stop(), seconds=time.perf_counter() - start,
@@ -170,12 +173,11 @@ def speed(config, data_dir: str, workdir: str, kind: str) -> dict:
     """Images/s and input wait of ``kind`` = speed-{streamed,streamed_noprefetch,memory}."""
     import numpy as np
 
+    from sfbd_jax.data import rows
     from sfbd_jax.data.prepared import PreparedDataset
     from sfbd_jax.data.sources import ImageDataset
     from sfbd_jax.training.loop import Experiment
     from sfbd_jax.utils.checkpoints import Checkpointer
-
-    from sfbd_jax.data import rows
 
     variant = kind.split("-", 1)[1]
     noisy, _ = PreparedDataset(data_dir, lazy=True).noisy()  # the largest group, clipped
@@ -207,6 +209,28 @@ def speed(config, data_dir: str, workdir: str, kind: str) -> dict:
             "measured_steps": steps - warm}
 
 
+def gather(data_dir: str, batch: int = 64, batches: int = 200) -> dict:
+    """Milliseconds per batch of ``TrainBatches.get`` alone (rows read, decoded, checked and
+    placed on the devices), streamed from the shards and from memory."""
+    from sfbd_jax.data import pipeline, rows
+    from sfbd_jax.data.prepared import PreparedDataset
+    from sfbd_jax.data.sources import ImageDataset
+    from sfbd_jax.utils import devices
+
+    noisy, _ = PreparedDataset(data_dir, lazy=True).noisy()
+    streamed = rows.ConcatenatedRows([noisy.images], [rows.clip_to_image_range])
+    out = {}
+    for name, images in (("streamed", streamed), ("memory", streamed.all_rows())):
+        source = pipeline.TrainBatches(ImageDataset(images, None, 0, name), batch, 1, 0,
+                                       devices.make_data_mesh(), 0)
+        source.get(0)["image"].block_until_ready()
+        start = time.perf_counter()
+        for step in range(batches):
+            source.get(step)["image"].block_until_ready()
+        out[f"gather_ms_{name}"] = (time.perf_counter() - start) / batches * 1e3
+    return out
+
+
 def disk_figures(data_dir: str, manifest: dict) -> dict:
     """Bytes per image of each group as stored, and as float32 (the storage before)."""
     shape = manifest["image_shape"]
@@ -229,15 +253,43 @@ def _rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _t95(n: int) -> float:
+    """Two-sided 95% Student t quantile for n samples (n − 1 degrees of freedom)."""
+    table = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365}
+    return table.get(n, 1.96)
+
+
 def report(out: str) -> None:
     rows = _rows(os.path.join(out, "results.jsonl"))
     print("| set | kind | peak RssAnon (MiB) | images/s | input wait | seconds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if r["kind"] in ("disk", "gather"):
+            continue
         print(f"| {r['images']:,} × {r['image_size']}² | {r['kind']} | "
               f"{r.get('peak_rss_anon_mib', float('nan')):.0f} | "
               f"{r.get('images_per_sec', float('nan')):.1f} | "
               f"{r.get('input_wait_fraction', float('nan')):.3f} | {r['seconds']:.0f} |")
+    import numpy as np
+
+    speeds: dict = {}
+    for r in rows:
+        if r["kind"].startswith("speed"):
+            key = (r["images"], r["image_size"], r["kind"].split("#")[0])
+            speeds.setdefault(key, []).append((r["images_per_sec"], r["input_wait_fraction"]))
+    print("\n| set | input | runs | images/s (mean ± 95% t) | input wait fraction |")
+    print("|---|---|---|---|---|")
+    for (num, size, kind), values in sorted(speeds.items()):
+        rate = np.array([v[0] for v in values])
+        half = _t95(len(rate)) * rate.std(ddof=1) / np.sqrt(len(rate)) if len(rate) > 1 else 0
+        print(f"| {num:,} × {size}² | {kind[len('speed-'):]} | {len(rate)} | "
+              f"{rate.mean():.1f} ± {half:.1f} | "
+              f"{np.mean([v[1] for v in values]):.4f} |")
+    for r in rows:
+        if r["kind"] == "gather":
+            print(f"gather {r['images']:,} × {r['image_size']}²: streamed "
+                  f"{r['gather_ms_streamed']:.2f} ms/batch, in memory "
+                  f"{r['gather_ms_memory']:.2f} ms/batch (batch 64)")
     for r in rows:
         if r["kind"] == "disk":
             print(f"disk {r['images']:,} × {r['image_size']}²: " + "; ".join(
@@ -263,9 +315,11 @@ def main(argv):
         manifest = prepare_synthetic(data_dir, num, FLAGS.image_size)
         kinds = ["disk"] + [k for k in FLAGS.kinds.split(",") if k != "speed"]
         if "speed" in FLAGS.kinds.split(","):
-            kinds += ["speed-streamed", "speed-streamed_noprefetch"]
+            variants = ["speed-streamed", "speed-streamed_noprefetch"]
             if num <= 10_000:
-                kinds.append("speed-memory")
+                variants.append("speed-memory")
+            kinds = [k for k in kinds if k != "gather"] + ["gather"] + [
+                v if r == 0 else f"{v}#{r}" for r in range(FLAGS.repeats) for v in variants]
         for kind in kinds:
             if (kind, num, FLAGS.image_size) in done:
                 continue
