@@ -1,4 +1,6 @@
-"""Deterministic, resumable batches from an in-memory data set, placed as sharded global arrays.
+"""Deterministic, resumable batches placed as sharded global arrays, from a data set in memory
+or read by index (memory-mapped shards, ``rows.ConcatenatedRows``), optionally made ahead by a
+``Prefetcher`` thread.
 
 Batch ``step`` holds examples ``perm_e[p mod N]`` for positions p = step·B … step·B + B − 1 of an
 endless stream of epochs, ``e = p // N`` and ``perm_e`` a permutation seeded by (seed, e). The

@@ -253,8 +253,11 @@ class Experiment:
         replaces the uniform batches over ``dataset`` (e.g. Ambient-Omni's
         ``eligibility.AmbientBatches``, whose maker validates its data). ``before_dispatch``
         is called with (global step, state) before every dispatch (online SFBD refreshes its
-        buffer there). ``progress``: the run's plan, holding a phase named ``tag`` (without
-        one, a plan of this phase alone); its line counts this phase's training images.
+        buffer there; batches are then gathered in line, since the data change between
+        dispatches; otherwise a ``pipeline.Prefetcher`` thread makes the next
+        ``train.prefetch_dispatches`` batches while the devices compute). ``progress``: the
+        run's plan, holding a phase named ``tag`` (without one, a plan of this phase alone);
+        its line counts this phase's training images.
         """
         cfg = self.config.train
         if batches is None:
