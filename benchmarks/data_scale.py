@@ -105,6 +105,7 @@ class PeakAnon:
 
     def __init__(self):
         self.peak = 0.0
+        self.timeline: list[tuple[float, float]] = []  # (unix time, RssAnon MiB) every 1 s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -118,8 +119,13 @@ class PeakAnon:
         return float("nan")
 
     def _run(self):
+        last = 0.0
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
+            value = self.now()
+            self.peak = max(self.peak, value)
+            if time.time() - last >= 1.0:
+                last = time.time()
+                self.timeline.append((last, value))
             time.sleep(0.05)
 
     def stop(self) -> float:
@@ -166,6 +172,8 @@ def worker(kind: str, data_dir: str, size: int) -> dict:
         raise ValueError(kind)
     out.update(peak_rss_anon_mib=memory.stop(), seconds=time.perf_counter() - start,
                devices=jax.device_count())
+    with open(os.path.join(workdir, "rss_anon_timeline.json"), "w") as f:
+        json.dump(memory.timeline, f)  # beside the run's log (worker_log.txt), to find peaks
     return out
 
 
@@ -331,10 +339,13 @@ def main(argv):
             else:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--data",
                        data_dir, "--image_size", str(FLAGS.image_size)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                log_path = os.path.join(out, "work", f"{kind}-{os.path.basename(data_dir)}.log")
+                os.makedirs(os.path.dirname(log_path), exist_ok=True)
+                with open(log_path, "w") as log:
+                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if proc.returncode or not lines:
-                    raise RuntimeError(f"{kind} at {num} failed:\n{proc.stderr[-4000:]}")
+                    raise RuntimeError(f"{kind} at {num} failed: see {log_path}")
                 row.update(json.loads(lines[-1][len("RESULT "):]))
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")

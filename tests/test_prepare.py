@@ -106,6 +106,15 @@ def test_corrupt_or_truncated_shard_is_named(prepared, tmp_path):
     with pytest.raises(CorruptShardError, match="noisy/images-00002.npy"):
         PreparedDataset(str(broken)).noisy()
     PreparedDataset(str(broken)).clean()  # other shards still read
+    # Memory-mapped, as training reads it: on opening, with or without the checksums (the
+    # other hosts check the .npy header and row count only); nothing is deleted.
+    from sfbd_jax.data import shards
+
+    entries = prepare.read_manifest(str(broken))["shards"]["noisy"]["images"]
+    for verify in (True, False):
+        with pytest.raises(CorruptShardError, match="noisy/images-00002.npy"):
+            shards.ShardedArray(str(broken), entries, verify=verify)
+    assert os.path.getsize(shard) == 1000
 
 
 def test_nan_in_a_shard_with_an_updated_checksum_is_named_with_its_rows(prepared, tmp_path):
