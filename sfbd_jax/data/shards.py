@@ -22,17 +22,26 @@ class CorruptShardError(ValueError):
     """A shard file is missing, truncated or does not match its recorded checksum."""
 
 
+class _HashingFile:
+    """A binary file that hashes what is written to it (no copy of the data is kept)."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+
 def write_shard(directory: str, relative: str, array: np.ndarray) -> dict:
-    """Write ``array`` to directory/relative as .npy; return its manifest entry."""
+    """Write ``array`` to directory/relative as .npy; return its manifest entry. Streamed to
+    the file and hashed on the way: no in-memory copy of the file's bytes."""
     path = os.path.join(directory, relative)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    data = buf.getvalue()
     with open(path, "wb") as f:
-        f.write(data)
-    return {"file": relative, "rows": int(array.shape[0]),
-            "sha256": hashlib.sha256(data).hexdigest()}
+        out = _HashingFile(f)
+        np.save(out, np.ascontiguousarray(array), allow_pickle=False)
+    return {"file": relative, "rows": int(array.shape[0]), "sha256": out.sha256.hexdigest()}
 
 
 def nonfinite_rows(array: np.ndarray) -> np.ndarray:

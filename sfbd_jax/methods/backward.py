@@ -134,7 +134,7 @@ def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, bat
     is called with the number of rows done after every batch."""
     devices.check_divisible(batch_size, mesh, "the denoising batch size")
     sharding = devices.batch_sharding(mesh)
-    outputs = []
+    result = np.empty((len(rows), *noisy.shape[1:]), np.float32)  # filled batch by batch
     for i in range(0, len(rows), batch_size):
         part = np.asarray(rows[i:i + batch_size])
         padded = np.concatenate([part, np.full(batch_size - len(part), part[-1])])
@@ -146,10 +146,10 @@ def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, bat
             y = jax.make_array_from_process_local_data(
                 sharding, np.asarray(labels[local], np.int32), (batch_size,))
         out = sample(params, x, y, jax.random.fold_in(key, int(part[0])))
-        outputs.append(devices.to_host(out)[: len(part)])
+        result[i:i + len(part)] = devices.to_host(out)[: len(part)]
         if on_batch is not None:
             on_batch(i + len(part))
-    return np.concatenate(outputs)
+    return result
 
 
 def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_size: int,
