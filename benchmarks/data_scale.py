@@ -172,6 +172,7 @@ def worker(kind: str, data_dir: str, size: int) -> dict:
         raise ValueError(kind)
     out.update(peak_rss_anon_mib=memory.stop(), seconds=time.perf_counter() - start,
                devices=jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "rss_anon_timeline.json"), "w") as f:
         json.dump(memory.timeline, f)  # beside the run's log (worker_log.txt), to find peaks
     return out
