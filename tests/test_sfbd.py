@@ -69,11 +69,11 @@ def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, mo
     # Kill the same run three times: mid-pretraining (after the step-2 checkpoint), in round
     # 1's denoising (after its first shard), and mid round-2 fine-tuning (after step 10).
     workdir = str(tmp_path / "killed")
-    real_write = shards.write_shard
+    real_commit = shards.commit
     kill_after_save = kill_after_checkpoint
 
     def kill_after_shard(directory, relative, array):
-        entry = real_write(directory, relative, array)
+        entry = real_commit(directory, relative, array)
         if "round_1" in directory and relative.endswith("000000016.npy"):
             raise KeyboardInterrupt("killed while denoising")
         return entry
@@ -81,7 +81,7 @@ def test_sfbd_runs_all_phases_and_resumes_after_kills(tmp_path, image_folder, mo
     # Also right after the checkpoint that ends round 1's training (step 8), before the round
     # is recorded: the resumed run must still report that phase's loss.
     for patch in ((checkpoints.Checkpointer, "save", kill_after_save(2)),
-                  (shards, "write_shard", kill_after_shard),
+                  (shards, "commit", kill_after_shard),
                   (checkpoints.Checkpointer, "save", kill_after_save(8)),
                   (checkpoints.Checkpointer, "save", kill_after_save(10))):
         with monkeypatch.context() as m:
@@ -130,16 +130,16 @@ def test_emdiffusion_e_step_runs_resumes_and_counts_its_cost(tmp_path, image_fol
         return c
 
     workdir = str(tmp_path / "dps")
-    real_write = shards.write_shard
+    real_commit = shards.commit
 
     def kill_in_second_shard(directory, relative, array):  # the first one is recorded
-        entry = real_write(directory, relative, array)
+        entry = real_commit(directory, relative, array)
         if "round_1" in directory and relative.endswith("000000016.npy"):
             raise KeyboardInterrupt("killed while sampling the posterior")
         return entry
 
     with monkeypatch.context() as m:
-        m.setattr(shards, "write_shard", kill_in_second_shard)
+        m.setattr(shards, "commit", kill_in_second_shard)
         with pytest.raises(KeyboardInterrupt):
             run(dps_config(), workdir)
     first = os.path.join(workdir, "denoised", "round_1", "denoised-000000000.npy")

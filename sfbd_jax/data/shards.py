@@ -44,6 +44,28 @@ def write_shard(directory: str, relative: str, array: np.ndarray) -> dict:
     return {"file": relative, "rows": int(array.shape[0]), "sha256": out.sha256.hexdigest()}
 
 
+def open_for_writing(directory: str, relative: str, dtype, shape: tuple) -> np.memmap:
+    """A writable memory-mapped ``.npy`` at directory/relative + '.partial' (file-backed pages:
+    filling it costs no anonymous memory); ``commit`` it when it is filled."""
+    path = os.path.join(directory, relative)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return np.lib.format.open_memmap(path + ".partial", mode="w+", dtype=dtype, shape=shape)
+
+
+def commit(directory: str, relative: str, array: np.memmap) -> dict:
+    """Flush ``array`` (from ``open_for_writing``), hash its file in chunks and move it to
+    directory/relative; returns its manifest entry."""
+    array.flush()
+    rows = int(array.shape[0])
+    path = os.path.join(directory, relative)
+    digest = hashlib.sha256()
+    with open(path + ".partial", "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    os.replace(path + ".partial", path)
+    return {"file": relative, "rows": rows, "sha256": digest.hexdigest()}
+
+
 def nonfinite_rows(array: np.ndarray) -> np.ndarray:
     """Positions of the rows of a floating-point ``array`` holding NaN or ±inf (none for other
     dtypes)."""

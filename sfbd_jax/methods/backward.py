@@ -125,16 +125,20 @@ def backward_settings(config) -> dict:
 
 def denoise_rows(sample: SampleFn, params, noisy, rows: np.ndarray, *, mesh, batch_size: int,
                  key: jax.Array, labels: np.ndarray | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+                 on_batch: Callable[[int], None] | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """``noisy[rows]`` (len(rows), H, W, C) denoised with ``sample(params, x, labels, key)``
     in global batches of ``batch_size`` sharded over ``mesh``; the batch starting at position
     i of ``rows`` uses the key ``fold_in(key, rows[i])``. A last partial batch is padded with
     copies of its last row (dropped again). Each process reads only its devices' rows (from a
-    memory-mapped set: only those pages); every process gets the whole result. ``on_batch``
-    is called with the number of rows done after every batch."""
+    memory-mapped set: only those pages); every process gets the whole result, float32 or
+    written into ``out`` (len(rows), H, W, C) of any float dtype, e.g. a memory-mapped shard.
+    ``on_batch`` is called with the number of rows done after every batch."""
     devices.check_divisible(batch_size, mesh, "the denoising batch size")
     sharding = devices.batch_sharding(mesh)
-    result = np.empty((len(rows), *noisy.shape[1:]), np.float32)  # filled batch by batch
+    result = np.empty((len(rows), *noisy.shape[1:]), np.float32) if out is None else out
+    if result.shape != (len(rows), *noisy.shape[1:]):
+        raise ValueError(f"out has shape {result.shape}, expected {(len(rows), *noisy.shape[1:])}")
     for i in range(0, len(rows), batch_size):
         part = np.asarray(rows[i:i + batch_size])
         padded = np.concatenate([part, np.full(batch_size - len(part), part[-1])])
@@ -199,22 +203,31 @@ def denoise_set(sample: SampleFn, params, noisy, out_dir: str, *, mesh, batch_si
                 continue
             except shards.CorruptShardError as err:
                 logging.warning("Re-denoising rows %d..%d: %s", start, stop - 1, err)
+        # Denoised straight into the shard's memory-mapped file (process 0; the others, which
+        # write nothing, into memory): no float32 copy of the shard in host memory.
+        name, shape = f"denoised-{start:09d}.npy", (stop - start, *noisy.shape[1:])
+        writer = jax.process_index() == 0
+        buffer = (shards.open_for_writing(out_dir, name, store_dtype, shape) if writer
+                  else np.empty(shape, store_dtype))
         denoised = denoise_rows(sample, params, noisy, np.arange(start, stop), mesh=mesh,
                                 batch_size=batch_size, key=key, labels=labels,
-                                on_batch=lambda m, base=done_rows: report(base + m))
+                                on_batch=lambda m, base=done_rows: report(base + m), out=buffer)
         done_rows += stop - start
         if len(denoised) != stop - start:
             raise CountCheckError(f"rows {start}..{stop - 1}: denoised {len(denoised)} images")
         bad = shards.nonfinite_rows(denoised) + start
         if bad.size:
+            if writer:
+                del buffer, denoised
+                os.remove(os.path.join(out_dir, name + ".partial"))
             raise FloatingPointError(
                 f"the backward pass produced NaN or infinite images for {bad.size} noisy "
                 f"row(s) ({', '.join(map(str, bad[:10]))}{', …' if bad.size > 10 else ''}); "
                 f"nothing was written for rows {start}..{stop - 1}. The model that denoises "
                 "has diverged: check the previous round's training loss.")
-        if jax.process_index() == 0:  # written once; the others read the record below
-            entry = shards.write_shard(out_dir, f"denoised-{start:09d}.npy",
-                                       denoised.astype(store_dtype))
+        if writer:  # written once; the others read the record below
+            entry = shards.commit(out_dir, name, buffer)
+            del buffer, denoised
             entry["start"] = start
             entries.append(entry)
             jsonfile.write_json(os.path.join(out_dir, PROGRESS),
