@@ -294,6 +294,19 @@ def report(out: str) -> None:
         print(f"| {num:,} × {size}² | {kind[len('speed-'):]} | {len(rate)} | "
               f"{rate.mean():.1f} ± {half:.1f} | "
               f"{np.mean([v[1] for v in values]):.4f} |")
+    # Paired by repeat (the variants of a repeat ran back to back): streamed / in memory.
+    by_repeat: dict = {}
+    for r in rows:
+        if r["kind"].startswith("speed"):
+            kind, _, rep = r["kind"].partition("#")
+            by_repeat.setdefault((r["images"], r["image_size"], rep or "0"), {})[kind] = r
+    for variant in ("speed-streamed", "speed-streamed_noprefetch"):
+        ratios = np.array([v[variant]["images_per_sec"] / v["speed-memory"]["images_per_sec"]
+                           for v in by_repeat.values() if variant in v and "speed-memory" in v])
+        if len(ratios) > 1:
+            half = _t95(len(ratios)) * ratios.std(ddof=1) / np.sqrt(len(ratios))
+            print(f"{variant[len('speed-'):]} / in memory, paired over {len(ratios)} repeats: "
+                  f"{ratios.mean():.3f} ± {half:.3f} ({', '.join(f'{x:.3f}' for x in ratios)})")
     for r in rows:
         if r["kind"] == "gather":
             print(f"gather {r['images']:,} × {r['image_size']}²: streamed "
