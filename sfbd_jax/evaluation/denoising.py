@@ -26,7 +26,7 @@ def psnr_of_mse(mse: float) -> float:
 
 
 def against_originals(prepared_dir: str, images, rows_per_chunk: int = 4096,
-                      which: np.ndarray | None = None) -> dict[str, float]:
+                      which: np.ndarray | None = None, originals=None) -> dict[str, float]:
     """MSE/PSNR of ``images`` (in the order of the noisy set; clipped to [-1, 1] first)
     against the clean originals kept beside a prepared data set, and the fraction of pixel
     values of ``images`` outside [-1, 1] before that clipping (``clipped_fraction``).
@@ -34,8 +34,11 @@ def against_originals(prepared_dir: str, images, rows_per_chunk: int = 4096,
     ``images``: an array or any row-indexable set (a memory-mapped ``ShardedArray``, a
     ``ConcatenatedRows``); both it and the originals are read ``rows_per_chunk`` rows at a
     time, so host memory does not grow with the set. ``which``: only these rows (indices into
-    the noisy set, e.g. the denoised entries of online SFBD's buffer)."""
-    originals = eval_only.load_clean_originals(prepared_dir, lazy=True)
+    the noisy set, e.g. the denoised entries of online SFBD's buffer). ``originals``: those of
+    ``prepared_dir`` already opened (``eval_only.load_clean_originals(lazy=True)``, which
+    verifies their checksums), for a caller that measures repeatedly."""
+    if originals is None:
+        originals = eval_only.load_clean_originals(prepared_dir, lazy=True)
     if len(images) != len(originals) or tuple(images.shape[1:]) != tuple(originals.shape[1:]):
         raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(originals.shape)}")
     which = np.arange(len(images)) if which is None else np.asarray(which, np.int64)

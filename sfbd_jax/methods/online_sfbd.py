@@ -57,6 +57,7 @@ from sfbd_jax import config_checks
 from sfbd_jax.data import pipeline, shards
 from sfbd_jax.data import prepare as prepare_lib
 from sfbd_jax.data import rows as rows_lib
+from sfbd_jax.data.eval_only import load_clean_originals
 from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.evaluation import denoising, distances, training_sets
@@ -524,8 +525,11 @@ class OnlineSFBDRun:
                "refreshes": float(refreshes)}
         if done.any():
             out["mean_age_steps"] = float(np.mean(step - self.last_refresh_step[done]))
+            if not hasattr(self, "_originals"):  # opened (and verified) once per run
+                self._originals = load_clean_originals(self.data_dir, lazy=True)
             quality = denoising.against_originals(self.data_dir, self.raw,
-                                                  which=np.flatnonzero(done))
+                                                  which=np.flatnonzero(done),
+                                                  originals=self._originals)
             out.update(buffer_mse=quality["mse"], buffer_psnr=quality["psnr"])
         return out
 
