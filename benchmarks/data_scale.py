@@ -17,7 +17,8 @@ checksums, manifest) under OUT/data/ — never committed; then, each in a fresh 
 Memory is the process's peak RssAnon (anonymous memory: heap, arrays; file-backed pages of
 the memory-mapped shards excluded), sampled every 50 ms. Disk: bytes per image of each group
 against float32 storage. Rows already in OUT/results.jsonl are skipped (resumable row by row);
-``--report`` prints the tables.
+``--report`` prints the tables. The ``sfbd_round`` row also resumes *within* itself: its run
+directory is kept, and a killed worker is continued by the next call (see ``worker``).
 """
 
 from __future__ import annotations
@@ -101,11 +102,17 @@ def prepare_synthetic(data_dir: str, num: int, size: int) -> dict:
 
 
 class PeakAnon:
-    """The peak RssAnon (MiB) of this process, sampled every 50 ms by a thread."""
+    """The peak RssAnon (MiB) of this process, sampled every 50 ms by a thread.
 
-    def __init__(self):
+    With ``progress_path`` the running peak and elapsed seconds are rewritten there every
+    second, so a process killed part-way (a long row resumed across sessions) leaves its figures.
+    """
+
+    def __init__(self, progress_path: str | None = None):
         self.peak = 0.0
         self.timeline: list[tuple[float, float]] = []  # (unix time, RssAnon MiB) every 1 s
+        self._progress_path = progress_path
+        self._start = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -126,12 +133,23 @@ class PeakAnon:
             if time.time() - last >= 1.0:
                 last = time.time()
                 self.timeline.append((last, value))
+                if self._progress_path:
+                    self._write_progress()
             time.sleep(0.05)
+
+    def _write_progress(self) -> None:
+        tmp = self._progress_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"peak_rss_anon_mib": self.peak,
+                       "seconds": time.perf_counter() - self._start}, f)
+        os.replace(tmp, self._progress_path)
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.now())
+        if self._progress_path:
+            self._write_progress()
         return self.peak
 
 
@@ -146,8 +164,16 @@ def worker(kind: str, data_dir: str, size: int) -> dict:
                            f"{kind}-{os.path.basename(data_dir)}")
     import shutil
 
-    shutil.rmtree(workdir, ignore_errors=True)
-    memory = PeakAnon()
+    # One SFBD round at 1 M images outlasts a session on CPU: its run directory is kept and the
+    # next call resumes it (committed denoised shards and checkpoints are reused, as in any
+    # interrupted run); each process ("piece") leaves its peak and seconds in pieces/.
+    resumable = kind == "sfbd_round"
+    pieces = os.path.join(workdir, "pieces")
+    if not (resumable and os.path.isdir(pieces)):
+        shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(pieces, exist_ok=True)
+    piece = os.path.join(pieces, f"piece-{len(os.listdir(pieces)):03d}.json")
+    memory = PeakAnon(piece if resumable else None)
     start = time.perf_counter()
     out: dict = {}
     if kind == "sfbd_round":
@@ -172,6 +198,13 @@ def worker(kind: str, data_dir: str, size: int) -> dict:
         raise ValueError(kind)
     out.update(peak_rss_anon_mib=memory.stop(), seconds=time.perf_counter() - start,
                devices=jax.device_count())
+    if resumable:  # the row covers every piece: the largest peak, the summed time
+        figures = []
+        for name in sorted(os.listdir(pieces)):
+            with open(os.path.join(pieces, name)) as f:
+                figures.append(json.load(f))
+        out.update(peak_rss_anon_mib=max(x["peak_rss_anon_mib"] for x in figures),
+                   seconds=sum(x["seconds"] for x in figures), pieces=len(figures))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "rss_anon_timeline.json"), "w") as f:
         json.dump(memory.timeline, f)  # beside the run's log (worker_log.txt), to find peaks
@@ -355,7 +388,7 @@ def main(argv):
                        data_dir, "--image_size", str(FLAGS.image_size)]
                 log_path = os.path.join(out, "work", f"{kind}-{os.path.basename(data_dir)}.log")
                 os.makedirs(os.path.dirname(log_path), exist_ok=True)
-                with open(log_path, "w") as log:
+                with open(log_path, "a") as log:  # a resumed row keeps each piece's log
                     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if proc.returncode or not lines:
