@@ -131,7 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.ambient = ml_collections.ConfigDict()
     # 'fixed' (fixed_sigma_min for every low-quality image), 'classifier' (noise-conditional
     # classifier below), 'file' (annotation_file), 'every_sigma' (σ_min = 0: naive baseline),
-    # 'exclude' (clean images only).
+    # 'exclude' (clean images only), 'crops' (σ_max per image from the crop classifier of
+    # ambient.locality; σ_min per locality.high_noise).
     c.ambient.annotation = "fixed"
     # 'file': an .npz of sigma_min [, sigma_max, sigma_n], each (N,) in the order of the
     # prepared low-quality group (its source indices: noisy/indices-*.npy).
@@ -153,6 +154,34 @@ def get_config() -> ml_collections.ConfigDict:
     c.ambient.classifier.log_every_steps = 100
     c.ambient.classifier.seed = 0
     # σ_min of each low-quality image from P(corrupted) over a log-spaced σ grid.
+    # Locality (annotation 'crops'): σ_max of each low-quality / out-of-distribution image
+    # from a crop classifier at the denoiser's receptive field per σ (methods/locality.py).
+    c.ambient.locality = ml_collections.ConfigDict()
+    # The denoiser whose receptive field is measured: a run directory with checkpoints/ of a
+    # model with this config's network, or "" to train one on the clean group first.
+    c.ambient.locality.denoiser_checkpoint = ""
+    c.ambient.locality.denoiser_images = 20_000  # its training images when trained here.
+    c.ambient.locality.mass = 0.9  # the crop holds this share of the input-gradient mass.
+    c.ambient.locality.num_images = 32  # clean images the gradient is averaged over.
+    c.ambient.locality.draws = 2  # noise draws per image and level.
+    c.ambient.locality.num_crops = 8  # crops per image and crop size in the annotation.
+    # σ_min of the pool images: 'never' (∞: low noise only), 'fixed' (fixed_sigma_min) or
+    # 'classifier' (the noise-conditional classifier below): usable at high and low noise.
+    c.ambient.locality.high_noise = "never"
+    c.ambient.locality.seed = 0
+    # The crop classifier: in-distribution vs pool crops, conditioned on the crop size.
+    c.ambient.crop_classifier = ml_collections.ConfigDict()
+    c.ambient.crop_classifier.base_channels = 16
+    c.ambient.crop_classifier.channel_mult = (1, 2, 2)
+    c.ambient.crop_classifier.num_blocks = 1
+    c.ambient.crop_classifier.attn_resolutions = ()
+    c.ambient.crop_classifier.channels_per_head = 64
+    c.ambient.crop_classifier.batch_size = 64  # global, half in-distribution and half pool.
+    c.ambient.crop_classifier.steps = 1_500
+    c.ambient.crop_classifier.lr = 1e-3
+    c.ambient.crop_classifier.log_every_steps = 100
+    c.ambient.crop_classifier.seed = 0
+
     c.ambient.annotate = ml_collections.ConfigDict()
     c.ambient.annotate.sigma_lo = 0.01
     c.ambient.annotate.sigma_hi = 5.0

@@ -16,7 +16,8 @@ MNIST5K_SIZE = 5000
 CORRUPTION_PARAMS = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
                      "jpeg": ("quality",), "motion_blur": ("length", "angle_deg"),
                      "folder": ("folder",)}
-ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude")
+ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude", "crops")
+HIGH_NOISE = ("never", "fixed", "classifier")
 KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd", "memorisation", "precision_recall",
                  "density_coverage")
 
@@ -309,6 +310,15 @@ def check_online(config) -> None:
                          f"config.train.batch_size images ({t.batch_size * t.steps_per_dispatch})")
 
 
+def _check_classifier(config, k, where: str) -> None:
+    if k.batch_size <= 0 or k.batch_size % 2 or k.steps <= 0:
+        raise ValueError(f"{where}.batch_size must be even and > 0, and steps > 0")
+    levels = len(k.channel_mult)
+    if config.data.image_size % 2 ** (levels - 1):
+        raise ValueError(f"image size {config.data.image_size} is not divisible by "
+                         f"2**(levels-1) for {where}.channel_mult={tuple(k.channel_mult)}")
+
+
 def check_ambient(config) -> None:
     """The keys of config.ambient, including its classifier and annotation grid."""
     a = config.ambient
@@ -322,16 +332,27 @@ def check_ambient(config) -> None:
         raise ValueError("config.ambient.fixed_sigma_min and fixed_sigma_max must be >= 0")
     if not a.s_max > 1.0:
         raise ValueError(f"config.ambient.s_max must be > 1, got {a.s_max}")
-    if a.annotation == "classifier":
-        k, g = a.classifier, a.annotate
-        if k.batch_size <= 0 or k.batch_size % 2 or k.steps <= 0:
-            raise ValueError("config.ambient.classifier.batch_size must be even and > 0, and "
-                             "steps > 0")
-        levels = len(k.channel_mult)
-        if config.data.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image size {config.data.image_size} is not divisible by "
-                             f"2**(levels-1) for config.ambient.classifier.channel_mult="
-                             f"{tuple(k.channel_mult)}")
+    crops = a.annotation == "crops"
+    if crops:
+        loc = a.locality
+        _check_classifier(config, a.crop_classifier, "config.ambient.crop_classifier")
+        if loc.high_noise not in HIGH_NOISE:
+            raise ValueError(f"config.ambient.locality.high_noise={loc.high_noise!r} is "
+                             f"unknown; known: {HIGH_NOISE}")
+        if not 0.0 < loc.mass <= 1.0:
+            raise ValueError(f"config.ambient.locality.mass must be in (0, 1], got {loc.mass}")
+        if loc.num_images < 1 or loc.draws < 1 or loc.num_crops < 1:
+            raise ValueError("config.ambient.locality.num_images, draws and num_crops must be "
+                             ">= 1")
+        if not loc.denoiser_checkpoint and loc.denoiser_images < (
+                config.train.batch_size * config.train.steps_per_dispatch):
+            raise ValueError("config.ambient.locality.denoiser_images must cover at least one "
+                             "dispatch of config.train.batch_size images (or set "
+                             "locality.denoiser_checkpoint)")
+    if a.annotation == "classifier" or (crops and a.locality.high_noise == "classifier"):
+        _check_classifier(config, a.classifier, "config.ambient.classifier")
+    if a.annotation == "classifier" or crops:
+        g = a.annotate
         if not (0 < g.sigma_lo < g.sigma_hi and g.num_sigmas >= 2):
             raise ValueError("config.ambient.annotate needs 0 < sigma_lo < sigma_hi and "
                              "num_sigmas >= 2")

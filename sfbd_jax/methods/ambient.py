@@ -15,6 +15,9 @@ manifest → train → samples, and with ``eval.round_num_samples > 0`` the dist
                    aligned with the prepared low-quality group: noisy/indices-*.npy)
     'every_sigma'  σ_min = 0: low-quality images at every level (the naive baseline)
     'exclude'      σ_min = ∞: clean images only (the clean-only baseline, same code path)
+    'crops'        σ_max per image from the crop classifier at the denoiser's receptive field
+                   per σ (locality.py; the curve is plotted beside the annotation), σ_min per
+                   ambient.locality.high_noise ('never', 'fixed' or 'classifier')
 With Gaussian-noise data and ``ambient.known_noise``, σ_n = σ_ζ and σ_min is raised to σ_ζ:
 the ambient loss on the noisy data, i.e. the TweedieDiff baseline of SFBD.
 
@@ -40,7 +43,7 @@ from sfbd_jax.data.prepared import PreparedDataset
 from sfbd_jax.data.sources import ImageDataset
 from sfbd_jax.evaluation import evaluator as evaluator_lib
 from sfbd_jax.evaluation import training_sets
-from sfbd_jax.methods import noise_classifier
+from sfbd_jax.methods import locality, noise_classifier, receptive_field
 from sfbd_jax.training import loop
 from sfbd_jax.training.state import TrainState
 from sfbd_jax.utils import checkpoints, devices, jsonfile
@@ -98,6 +101,10 @@ def annotation_settings(config, manifest: dict, workdir: str) -> tuple[str, dict
     elif method == "classifier":
         settings = {"classifier": os.path.basename(classifier_dir(config, workdir, manifest)),
                     "annotate": config.ambient.annotate.to_dict()}
+    elif method == "crops":
+        settings = locality.settings(config, workdir, manifest)
+        if config.ambient.locality.high_noise == "classifier":
+            settings["classifier"] = os.path.basename(classifier_dir(config, workdir, manifest))
     elif method == "file":
         path = os.path.abspath(config.ambient.annotation_file or "")
         if not os.path.isfile(path):
@@ -150,23 +157,37 @@ def annotate(config, workdir: str, mesh, writer=None) -> str:
         arrays["sigma_min"] = np.zeros(n)
     elif method == "exclude":
         arrays["sigma_min"] = np.full(n, np.inf)
+    elif method == "crops":
+        arrays, info = locality.annotate(
+            config, workdir, mesh, writer,
+            high_noise_sigma_min=lambda: classifier_sigma_min(config, workdir, mesh, writer)[0])
     else:
-        params, meta = train_classifier(config, workdir, mesh, writer)
-        bad, indices = PreparedDataset(data_dir, lazy=True).noisy()
-        cfg = config.ambient.annotate
-        logging.info("Annotating %d low-quality images over %d levels × %d draws.", n,
-                     cfg.num_sigmas, cfg.num_draws)
-        probs = noise_classifier.probabilities(config, params, bad.images, indices, mesh)
-        grid = noise_classifier.sigma_grid(cfg)
-        arrays["sigma_min"] = noise_classifier.sigma_min_from_probabilities(
-            probs, grid, cfg.epsilon, cfg.smooth_window)
-        info = {"classifier": meta, "grid": grid.tolist(),
-                "mean_probability": probs.mean(axis=0).tolist()}
+        arrays["sigma_min"], info = classifier_sigma_min(config, workdir, mesh, writer)
     annotations_lib.save(data_dir, method, settings, arrays, info)
+    if method == "crops" and jax.process_index() == 0:
+        receptive_field.plot(info["receptive_field"], os.path.join(
+            data_dir, "annotations", name, "receptive_field.png"),
+            f"receptive field of the denoiser ({name})")
     devices.sync_processes("annotations")
     record = annotations_lib.record(data_dir, name)
     logging.info("Annotation %s of %d low-quality images: %s", name, n, record["summary"])
     return name
+
+
+def classifier_sigma_min(config, workdir: str, mesh, writer=None) -> tuple[np.ndarray, dict]:
+    """σ_min (N_low_quality,) from the noise-conditional classifier (trained first when not
+    cached) and the facts for the annotation record."""
+    params, meta = train_classifier(config, workdir, mesh, writer)
+    bad, indices = PreparedDataset(config.corrupt.output_dir, lazy=True).noisy()
+    cfg = config.ambient.annotate
+    logging.info("Annotating %d low-quality images over %d levels × %d draws.", len(bad),
+                 cfg.num_sigmas, cfg.num_draws)
+    probs = noise_classifier.probabilities(config, params, bad.images, indices, mesh)
+    grid = noise_classifier.sigma_grid(cfg)
+    sigma_min = noise_classifier.sigma_min_from_probabilities(probs, grid, cfg.epsilon,
+                                                              cfg.smooth_window)
+    return sigma_min, {"classifier": meta, "grid": grid.tolist(),
+                       "mean_probability": probs.mean(axis=0).tolist()}
 
 
 def training_set(config, workdir: str, mesh, writer=None

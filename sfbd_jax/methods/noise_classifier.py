@@ -86,38 +86,60 @@ def train(config, clean: np.ndarray, corrupted: np.ndarray, mesh, writer=None
                          f"got {len(clean)} clean and {len(corrupted)} low-quality")
     if cfg.batch_size % 2 or cfg.steps <= 0:
         raise ValueError("config.ambient.classifier.batch_size must be even and steps > 0")
-    devices.check_divisible(cfg.batch_size, mesh, "config.ambient.classifier.batch_size")
     model = build_model(cfg, config.data.image_size)
     logits_fn = make_logits_fn(model, dcfg.sigma_data)
     key = jax.random.PRNGKey(cfg.seed)
     params = model.init({"params": jax.random.fold_in(key, 0)},
                         jnp.zeros((1, *clean.shape[1:])), jnp.zeros((1,)))["params"]
+    half = cfg.batch_size // 2
+
+    def batch(i):
+        ci, bi, sigma, labels = _draw_batch(cfg.seed, i, half, len(clean), len(corrupted),
+                                            dcfg.p_mean, dcfg.p_std)
+        x = np.concatenate([clean[ci], np.asarray(corrupted[np.sort(bi)], np.float32)])
+        return x, sigma, labels
+
+    def noisy(x, sigma, k):
+        return x + sigma[:, None, None, None] * jax.random.normal(k, x.shape)
+
+    params, meta = fit_binary(logits_fn, params, batch, cfg, mesh, writer, "noise classifier",
+                              "config.ambient.classifier", perturb=noisy)
+    meta.update(clean=int(len(clean)), corrupted=int(len(corrupted)))
+    return params, meta
+
+
+def fit_binary(logits_fn, params: dict, batch, cfg, mesh, writer, name: str, config_path: str,
+               perturb=None) -> tuple[dict, dict]:
+    """Adam on the binary cross-entropy of ``logits_fn(params, x, cond) -> (B,)``; ``batch(i)``
+    gives step i's host arrays (x (B, H, W, C), cond (B,), labels (B,) in {0, 1}), sharded over
+    ``mesh``; ``perturb(x, cond, key)`` (jitted, e.g. adds noise) is applied on the devices.
+    ``cfg``: batch_size, steps, lr, log_every_steps, seed. Returns (host params, meta)."""
+    devices.check_divisible(cfg.batch_size, mesh, f"{config_path}.batch_size")
+    key = jax.random.PRNGKey(cfg.seed)
     opt = optax.adam(cfg.lr)
     repl, batch_sh = devices.replicated(mesh), devices.batch_sharding(mesh)
 
-    def loss_fn(params, x, sigma, labels, k):
-        noisy = x + sigma[:, None, None, None] * jax.random.normal(k, x.shape)
-        logits = logits_fn(params, noisy, sigma)
+    def loss_fn(params, x, cond, labels, k):
+        if perturb is not None:
+            x = perturb(x, cond, k)
+        logits = logits_fn(params, x, cond)
         loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
         return loss, jnp.mean((logits > 0) == (labels > 0.5))
 
     @jax.jit
-    def step(params, opt_state, x, sigma, labels, k):
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, sigma,
+    def step(params, opt_state, x, cond, labels, k):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, cond,
                                                                        labels, k)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, acc
 
     params = jax.device_put(params, repl)
     opt_state = jax.device_put(opt.init(params), repl)
-    half = cfg.batch_size // 2
     t0, losses, accs = time.time(), [], []
+    put = lambda a: jax.device_put(np.asarray(a, np.float32), batch_sh)  # noqa: E731
     for i in range(cfg.steps):
-        ci, bi, sigma, labels = _draw_batch(cfg.seed, i, half, len(clean), len(corrupted),
-                                            dcfg.p_mean, dcfg.p_std)
-        x = np.concatenate([clean[ci], np.asarray(corrupted[np.sort(bi)], np.float32)])
-        put = lambda a: jax.device_put(a, batch_sh)  # noqa: E731
-        params, opt_state, loss, acc = step(params, opt_state, put(x), put(sigma), put(labels),
+        x, cond, labels = batch(i)
+        params, opt_state, loss, acc = step(params, opt_state, put(x), put(cond), put(labels),
                                             jax.random.fold_in(key, 1 + i))
         losses.append(loss)
         accs.append(acc)
@@ -125,16 +147,16 @@ def train(config, clean: np.ndarray, corrupted: np.ndarray, mesh, writer=None
             recent = slice(-cfg.log_every_steps, None)
             loss_v = float(np.mean(jax.device_get(losses[recent])))
             acc_v = float(np.mean(jax.device_get(accs[recent])))
-            logging.info("noise classifier step %d/%d: BCE %.4f, accuracy %.3f (%.0f s)",
-                         i + 1, cfg.steps, loss_v, acc_v, time.time() - t0)
+            logging.info("%s step %d/%d: BCE %.4f, accuracy %.3f (%.0f s)", name, i + 1,
+                         cfg.steps, loss_v, acc_v, time.time() - t0)
             if writer is not None:
-                writer.write_scalars(i + 1, {"annotator/bce": loss_v, "annotator/accuracy": acc_v})
+                tag = name.replace(" ", "_")
+                writer.write_scalars(i + 1, {f"{tag}/bce": loss_v, f"{tag}/accuracy": acc_v})
             losses, accs = [], []
     if not np.isfinite(loss_v):
-        raise FloatingPointError(f"the noise classifier's loss is {loss_v}: lower "
-                                 "config.ambient.classifier.lr")
+        raise FloatingPointError(f"the {name}'s loss is {loss_v}: lower {config_path}.lr")
     meta = {"final_bce": loss_v, "final_accuracy": acc_v, "seconds": time.time() - t0,
-            "steps": int(cfg.steps), "clean": int(len(clean)), "corrupted": int(len(corrupted))}
+            "steps": int(cfg.steps)}
     return jax.device_get(params), meta
 
 

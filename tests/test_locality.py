@@ -1,0 +1,266 @@
+"""Ambient-Omni locality: the receptive field per σ, crops, the crop classifier's σ_max."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfbd_jax.methods import receptive_field as rf
+from sfbd_jax.models.precond import edm_coefficients
+
+SIGMA_DATA = 0.5
+
+
+def conv_stack_denoiser(depth: int):
+    """D(x; σ) = c_skip(σ)·x + c_out(σ)·K^depth(x): K a 3×3 all-positive depthwise kernel
+    with zero padding (gain 1), so an output pixel depends on exactly the (2·depth + 1)²
+    square around it."""
+    taps = np.random.default_rng(0).uniform(0.5, 1.5, (3, 3))
+    kernel = jnp.asarray(taps / taps.sum(), jnp.float32)  # gain 1
+
+    def denoise(params, x, sigma, labels=None, **_):
+        c = x.shape[-1]
+        rhs = jnp.tile(kernel[:, :, None, None], (1, 1, 1, c))
+        h = x
+        for _ in range(depth):
+            h = jax.lax.conv_general_dilated(h, rhs, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=c)
+        c_skip, c_out, _, _ = edm_coefficients(sigma, SIGMA_DATA)
+        return c_skip[:, None, None, None] * x + c_out[:, None, None, None] * h
+
+    return denoise
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5])
+def test_receptive_field_of_a_conv_stack_is_its_depth(depth):
+    images = np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 2)).astype(np.float32)
+    maps = rf.gradient_maps(conv_stack_denoiser(depth), None, images, np.array([2.0, 80.0]),
+                            jax.random.PRNGKey(0))
+    assert maps.shape == (2, 16, 16)
+    ic, jc = rf.centre(16, 16)
+    support = np.zeros((16, 16), bool)
+    support[ic - depth:ic + depth + 1, jc - depth:jc + depth + 1] = True
+    for m in maps:  # exactly the square: nothing outside, everything inside
+        assert (m[~support] == 0).all() and (m[support] > 0).all()
+        assert rf.radius_for_mass(m, 1.0) == depth
+        assert rf.radius_for_mass(m, 0.5) <= depth
+
+
+def test_receptive_field_grows_with_sigma_under_edm_preconditioning():
+    """c_skip → 1 at small σ (the output is the input pixel itself), the network at large σ."""
+    images = np.random.default_rng(2).uniform(-1, 1, (4, 16, 16, 1)).astype(np.float32)
+    sigmas = np.geomspace(0.002, 80.0, 8)
+    record = rf.curve(conv_stack_denoiser(4), None, images, sigmas, jax.random.PRNGKey(0),
+                      mass=0.9)
+    assert record["radii"][0] == 0 and record["crop_sizes"][0] == 1
+    assert record["radii"][-1] >= 3
+    assert record["crop_sizes"] == sorted(record["crop_sizes"])  # non-decreasing
+    assert max(record["crop_sizes"]) <= 16
+
+
+def test_radius_for_mass_counts_chebyshev_rings():
+    g = np.zeros((9, 9))
+    g[4, 4], g[4, 6], g[0, 0] = 1.0, 1.0, 2.0  # rings 0, 2, 4: cumulative 0.25, 0.5, 1.0
+    assert rf.radius_for_mass(g, 0.25) == 0
+    assert rf.radius_for_mass(g, 0.3) == 2
+    assert rf.radius_for_mass(g, 0.5) == 2
+    assert rf.radius_for_mass(g, 0.9) == 4
+    assert rf.radius_for_mass(np.zeros((5, 5)), 0.9) == 0
+    with pytest.raises(ValueError, match="mass"):
+        rf.radius_for_mass(g, 0.0)
+    assert rf.crop_size(10, 16) == 16 and rf.crop_size(3, 16) == 7
+
+
+def test_curve_rejects_a_bad_grid():
+    images = np.zeros((1, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError, match="increasing"):
+        rf.curve(conv_stack_denoiser(1), None, images, np.array([1.0, 0.5]),
+                 jax.random.PRNGKey(0), 0.9)
+
+
+# ----- crops and the crop classifier --------------------------------------------------------
+
+from sfbd_jax.methods import locality  # noqa: E402
+
+
+def test_crops_are_exact_slices_at_the_borders():
+    images = np.random.default_rng(3).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    tops, lefts, sizes = np.array([0, 5, 0, 2]), np.array([0, 5, 6, 0]), np.array([3, 3, 2, 8 - 2])
+    sizes[3] = 6
+    crops = locality.extract_crops(images, tops, lefts, sizes, canvas=8)
+    assert crops.shape == (4, 8, 8, 3)
+    for b in range(4):
+        t, lf, s = tops[b], lefts[b], sizes[b]
+        np.testing.assert_array_equal(crops[b, :s, :s], images[b, t:t + s, lf:lf + s])
+        assert (crops[b, s:] == 0).all() and (crops[b, :, s:] == 0).all()
+    whole = locality.extract_crops(images, np.zeros(4), np.zeros(4), np.full(4, 8), 8)
+    np.testing.assert_array_equal(whole, images)
+    with pytest.raises(ValueError, match="outside"):
+        locality.extract_crops(images, np.array([6, 0, 0, 0]), np.zeros(4), np.full(4, 3), 8)
+    with pytest.raises(ValueError, match="crop sizes"):
+        locality.extract_crops(images, np.zeros(4), np.zeros(4), np.full(4, 9), 8)
+    with pytest.raises(ValueError, match="larger than"):
+        locality.crop_positions(np.random.default_rng(0), np.array([9]), 8, 8)
+
+
+def test_crop_positions_reach_every_border():
+    tops, lefts = locality.crop_positions(np.random.default_rng(0), np.full(4000, 3), 8, 8)
+    assert tops.min() == 0 and tops.max() == 5 and lefts.min() == 0 and lefts.max() == 5
+    assert np.bincount(tops).min() > 500  # uniform over the 6 positions
+
+
+def test_sigma_max_is_the_last_level_of_the_indistinguishable_prefix():
+    grid = np.array([0.1, 0.2, 0.4, 0.8])
+    probs = np.array([[0.5, 0.5, 0.5, 0.5],    # never told apart → the largest level
+                      [0.5, 0.5, 0.9, 0.5],    # told apart at 0.4: a later dip does not count
+                      [0.9, 0.5, 0.5, 0.5],    # told apart at the smallest → the smallest
+                      [0.54, 0.56, 0.5, 0.5]])  # ε = 0.05: 0.56 is told apart
+    sigma_max = locality.sigma_max_from_probabilities(probs, grid, 0.05, 1)
+    np.testing.assert_array_equal(sigma_max, [0.8, 0.2, 0.1, 0.1])
+    by_size = np.array([[0.1, 0.2, 0.3]])
+    np.testing.assert_array_equal(locality.per_level(by_size, [1, 1, 3, 5, 5]),
+                                  [[0.1, 0.1, 0.2, 0.3, 0.3]])
+
+
+def _pools(n=256, side=16, seed=0):
+    """Clean: i.i.d. uniform pixels. Pools: the same distribution (identical), 4×4
+    block-constant uniform pixels (same marginal, told apart only by crops ≥ 2 px), and
+    pixels in [0.9, 1] (told apart by a single pixel)."""
+    rng = np.random.default_rng(seed)
+    u = lambda: rng.uniform(-1, 1, (n, side, side, 1)).astype(np.float32)  # noqa: E731
+    clean = u()
+    coarse = rng.uniform(-1, 1, (n, side // 4, side // 4, 1)).astype(np.float32)
+    blocky = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)
+    bright = rng.uniform(0.9, 1, (n, side, side, 1)).astype(np.float32)
+    return clean, {"identical": u(), "blocky": blocky, "bright": bright}
+
+
+def _crop_config():
+    from configs import default
+
+    c = default.get_config()
+    c.data.image_size, c.data.channels = 16, 1
+    k = c.ambient.crop_classifier
+    k.base_channels, k.channel_mult, k.channels_per_head = 8, (1, 2), 8
+    k.batch_size, k.steps, k.lr, k.log_every_steps = 64, 250, 3e-3, 50
+    c.ambient.locality.num_crops = 8
+    c.ambient.annotate.batch_size = 64
+    return c
+
+
+@pytest.mark.parametrize("pool_name,expected", [("identical", 0.8), ("blocky", 0.2),
+                                                ("bright", 0.1)])
+def test_sigma_max_follows_how_separable_the_pools_are(pool_name, expected):
+    from sfbd_jax.utils import devices
+
+    config = _crop_config()
+    clean, pools = _pools()
+    pool = pools[pool_name]
+    mesh = devices.make_data_mesh()
+    grid = np.array([0.1, 0.15, 0.2, 0.4, 0.8])
+    sizes = [1, 1, 1, 5, 9]
+    params, meta = locality.train_classifier(config, clean, pool, sizes, mesh)
+    assert meta["crop_sizes"] == [1, 5, 9]
+    held_out = _pools(n=32, seed=1)[1][pool_name]
+    by_size = locality.crop_probabilities(config, params, held_out, np.arange(32), sizes, mesh)
+    assert by_size.shape == (32, 3)
+    sigma_max = locality.sigma_max_from_probabilities(
+        locality.per_level(by_size, sizes), grid, 0.05, 1)
+    share = np.mean(np.isclose(sigma_max, expected))
+    assert share >= 0.9, (share, by_size.mean(axis=0))
+
+
+# ----- the 'crops' annotation in a mode=ambient run -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_like_folder(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("locality_imgs")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        img = np.kron(rng.uniform(0, 1, (2, 2)), np.ones((4, 4))) * 255
+        Image.fromarray(img.astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return str(folder)
+
+
+def crops_config(folder):
+    from conftest import tiny_config
+
+    c = tiny_config(image_size=8)
+    c.mode = "ambient"
+    c.data.source, c.data.folder = "folder", folder
+    c.corrupt.clean_count = 8
+    c.corrupt.type, c.corrupt.sigma_px = "gaussian_blur", 0.8
+    c.ambient.annotation = "crops"
+    c.ambient.locality.denoiser_images = 16
+    c.ambient.locality.num_images, c.ambient.locality.num_crops = 4, 2
+    c.ambient.locality.high_noise, c.ambient.fixed_sigma_min = "fixed", 0.4
+    k = c.ambient.crop_classifier
+    k.base_channels, k.channel_mult, k.channels_per_head = 8, (1, 2), 8
+    k.batch_size, k.steps, k.log_every_steps = 8, 4, 2
+    c.ambient.annotate.num_sigmas, c.ambient.annotate.batch_size = 6, 8
+    return c
+
+
+def test_crops_annotation_in_the_manifest_and_the_training_set(digit_like_folder, tmp_path):
+    import os
+
+    from sfbd_jax.data import annotations as annotations_lib
+    from sfbd_jax.data import prepare
+    from sfbd_jax.methods import ambient
+    from sfbd_jax.utils import devices
+
+    c = crops_config(digit_like_folder)
+    workdir = str(tmp_path / "run")
+    data_dir = c.corrupt.output_dir = os.path.join(workdir, "data")
+    prepare.prepare(c)
+    mesh = devices.make_data_mesh()
+    name = ambient.annotate(c, workdir, mesh)
+    (listed, record), = prepare.read_manifest(data_dir)["annotations"].items()
+    assert listed == name and name.startswith("crops-")
+    curve = record["receptive_field"]
+    assert len(curve["crop_sizes"]) == 6 == len(record["grid"])
+    assert curve["crop_sizes"] == sorted(curve["crop_sizes"]) and max(curve["crop_sizes"]) <= 8
+    assert os.path.exists(os.path.join(data_dir, "annotations", name, "receptive_field.png"))
+    arrays = annotations_lib.load(data_dir, name)
+    np.testing.assert_array_equal(arrays["sigma_min"], np.full(32, 0.4))
+    assert np.isin(arrays["sigma_max"], record["grid"]).all()
+    # Training sees both rules: σ_min = 0.4 and the per-image σ_max.
+    _, ann, facts = ambient.training_set(c, workdir, mesh)
+    assert facts["annotation"] == name
+    np.testing.assert_array_equal(ann.sigma_max[8:], arrays["sigma_max"])
+    np.testing.assert_array_equal(ann.sigma_min[8:], np.full(32, 0.4))
+    # Another high-noise rule is another annotation; the denoiser and the crop classifier are
+    # reused (one cached folder each), the noise classifier trained for σ_min.
+    c.ambient.locality.high_noise = "classifier"
+    c.ambient.classifier.base_channels, c.ambient.classifier.channel_mult = 8, (1, 2)
+    c.ambient.classifier.channels_per_head, c.ambient.classifier.batch_size = 8, 8
+    c.ambient.classifier.steps, c.ambient.classifier.log_every_steps = 4, 2
+    other = ambient.annotate(c, workdir, mesh)
+    assert other != name and ambient.annotate(c, workdir, mesh) == other
+    again = annotations_lib.load(data_dir, other)
+    np.testing.assert_array_equal(again["sigma_max"], arrays["sigma_max"])
+    assert np.isin(again["sigma_min"], record["grid"]).all()
+    made = os.listdir(os.path.join(workdir, "annotator"))
+    assert len(made) == 3 and {d.split("-")[0] for d in made} >= {"crops", "denoiser"}
+
+
+def test_crops_annotation_errors(digit_like_folder, tmp_path):
+    from sfbd_jax.config_checks import validate_config
+    from sfbd_jax.run import run
+
+    c = crops_config(digit_like_folder)
+    c.ambient.locality.denoiser_checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="denoiser_checkpoint"):
+        run(c, str(tmp_path / "run"))
+    c = crops_config(digit_like_folder)
+    c.ambient.locality.high_noise = "sometimes"
+    with pytest.raises(ValueError, match="high_noise"):
+        validate_config(c)
+    c = crops_config(digit_like_folder)
+    c.ambient.locality.mass = 1.5
+    with pytest.raises(ValueError, match="mass"):
+        validate_config(c)
