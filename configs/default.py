@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.subset = 0  # mnist5k/folder: a seeded random subset of this many images; 0 = all.
     c.data.subset_seed = 0
+    # Keep only the images of these class labels (e.g. (0, 1, 2, 3, 4): the target classes of
+    # an out-of-distribution experiment; the evaluation's reference follows); () = all.
+    c.data.classes = ()
     c.data.random_flip = False  # horizontal flips at batch time (seeded per step).
     # mode=edm: train on the clean group of the prepared data set of config.corrupt instead
     # (e.g. corrupt.clean_fraction=1 with corrupt.label_flip=η: clean images, noisy labels).
@@ -53,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.corrupt.length = 5  # motion_blur: kernel length in pixels.
     c.corrupt.angle_deg = 0.0  # motion_blur: direction.
     c.corrupt.folder = ""  # folder: a directory of low-quality images (resized as config.data).
+    # ood: the low-quality group is an out-of-distribution pool, as it is: the images of
+    # ood_classes of config.data's source (data.classes set aside), or with ood_tfds_name the
+    # ood_split of another tfds data set (resized as config.data; same channels).
+    c.corrupt.ood_classes = ()
+    c.corrupt.ood_tfds_name = ""
+    c.corrupt.ood_split = "train"
     # Condition corruption: flip this fraction η of the labels (clean and corrupted images
     # alike) to another class drawn from the class prior; 0 = none.
     c.corrupt.label_flip = 0.0

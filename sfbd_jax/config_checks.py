@@ -15,7 +15,8 @@ KNOWN_SOURCES = ("mnist5k", "tfds", "folder")
 MNIST5K_SIZE = 5000
 CORRUPTION_PARAMS = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
                      "jpeg": ("quality",), "motion_blur": ("length", "angle_deg"),
-                     "folder": ("folder",)}
+                     "folder": ("folder",),
+                     "ood": ("ood_classes", "ood_tfds_name", "ood_split")}
 ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude", "crops")
 HIGH_NOISE = ("never", "fixed", "classifier")
 KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd", "memorisation", "precision_recall",
@@ -180,6 +181,15 @@ def check_corruption(config) -> None:
         if key in checks and not checks[key][0]:
             raise ValueError(f"config.corrupt.{key}={c[key]!r} {checks[key][1]} (corruption "
                              f"{c.type!r})")
+    if c.type == "ood":
+        if bool(c.ood_classes) == bool(c.ood_tfds_name):
+            raise ValueError("config.corrupt.type='ood' needs exactly one pool: "
+                             "corrupt.ood_classes (other classes of config.data's source) or "
+                             "corrupt.ood_tfds_name (another tfds data set)")
+        overlap = set(map(int, c.ood_classes)) & set(map(int, config.data.classes))
+        if overlap:
+            raise ValueError(f"config.corrupt.ood_classes and config.data.classes share "
+                             f"{sorted(overlap)}: the pool must be out of the target classes")
     if c.type == "folder" and not c.folder:
         raise ValueError("config.corrupt.type='folder' needs config.corrupt.folder (a directory "
                          "of low-quality images)")

@@ -264,3 +264,66 @@ def test_crops_annotation_errors(digit_like_folder, tmp_path):
     c.ambient.locality.mass = 1.5
     with pytest.raises(ValueError, match="mass"):
         validate_config(c)
+
+
+# ----- out-of-distribution pools ------------------------------------------------------------
+
+
+def ood_config(tmp_path, **corrupt):
+    from conftest import tiny_config
+
+    c = tiny_config(image_size=8)
+    c.data.classes = (0, 1, 2, 3, 4)
+    c.corrupt.type, c.corrupt.ood_classes, c.corrupt.clean_count = "ood", (5, 6, 7, 8, 9), 20
+    c.corrupt.output_dir = str(tmp_path / "data")
+    for k, v in corrupt.items():
+        c.corrupt[k] = v
+    return c
+
+
+def test_ood_pool_of_other_classes(tmp_path):
+    from sfbd_jax.data import prepare, sources
+    from sfbd_jax.data.prepared import PreparedDataset
+
+    c = ood_config(tmp_path)
+    manifest = prepare.prepare(c)
+    labels = sources.load_mnist5k().labels
+    n_target = int(np.isin(labels, range(5)).sum())
+    n_pool = int(np.isin(labels, range(5, 10)).sum())
+    assert manifest["counts"] == {"source": n_target, "clean": 20, "noisy": n_pool}
+    assert manifest["storage"]["noisy"] == "uint8" and manifest["shards"]["eval_only"] == {}
+    data = PreparedDataset(c.corrupt.output_dir)
+    clean, (pool, indices) = data.clean(), data.noisy()
+    assert set(np.unique(clean.labels)) <= set(range(5))
+    assert set(np.unique(pool.labels)) == set(range(5, 10))
+    assert indices.min() == n_target  # the pool's indices count on after the source's
+    # The pool is the other classes' images as they are (resized like config.data).
+    other = c.copy_and_resolve_references()
+    other.data.classes = (5, 6, 7, 8, 9)
+    np.testing.assert_array_equal(pool.images, sources.load_source(other.data).images)
+    assert prepare.prepare(c) == manifest  # a no-op the second time (settings round trip)
+    # The target classes alone define the evaluation's reference.
+    assert len(sources.load_source(c.data)) == n_target
+
+
+def test_ood_pool_errors(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from sfbd_jax.config_checks import check_corruption
+    from sfbd_jax.data import prepare
+
+    c = ood_config(tmp_path, ood_classes=(4, 5))
+    with pytest.raises(ValueError, match="share"):
+        check_corruption(c)
+    c = ood_config(tmp_path, ood_classes=())
+    with pytest.raises(ValueError, match="exactly one pool"):
+        check_corruption(c)
+    # A pool of another image shape: RGB images where the target is grey.
+    c = ood_config(tmp_path, ood_classes=(), ood_tfds_name="cifar10")
+    with tfds.testing.mock_data(num_examples=4):
+        with pytest.raises(ValueError, match="out-of-distribution pool.*3 channels"):
+            prepare.prepare(c)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "data.partial").exists()
+    c = ood_config(tmp_path, ood_classes=(11,))
+    with pytest.raises(ValueError, match="out-of-distribution pool.*no images"):
+        prepare.prepare(c)

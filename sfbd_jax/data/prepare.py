@@ -12,13 +12,14 @@ A seeded split of the clean source into a clean subset (``corrupt.clean_count`` 
 ``indices`` are the positions of each image in the source. The noise of source image i is drawn
 from fold_in(PRNGKey(noise_seed), i): the same whatever the shard size. Noisy values are stored
 unclipped (float32, or float16 with its rounding error recorded in the manifest). With
-``corrupt.type='folder'`` the low-quality group is the images of ``corrupt.folder`` as they are
-(indices counting on after the source's), the non-clean part of the source is left out and
-there are no eval_only originals. ``corrupt.label_flip`` = η flips round(η·N) labels of the
-source (seeded by ``corrupt.label_flip_seed``; the flipped indices and original labels go to
-eval_only/). The source is
-streamed chunk by chunk; at most one shard per output is held in memory. Preparing again with
-the same settings is a no-op; other settings refuse to overwrite.
+``corrupt.type='folder'`` the low-quality group is the images of ``corrupt.folder`` as they are,
+with ``'ood'`` an out-of-distribution pool (``pool_source``: other classes of the source, or
+another tfds set) as it is; indices count on after the source's, the non-clean part of the
+source is left out and there are no eval_only originals. ``corrupt.label_flip`` = η flips
+round(η·N) labels of the source (seeded by ``corrupt.label_flip_seed``; the flipped indices and
+original labels go to eval_only/). The source is streamed chunk by chunk; at most one shard
+per output is held in memory. Preparing again with the same settings is a no-op; other
+settings refuse to overwrite.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def settings_record(config) -> dict:
     c = config.corrupt
     config_checks.check_corruption(config)
     source = {k: config.data[k] for k in SOURCE_KEYS}
+    if config.data.classes:  # recorded only when used, as lists (JSON round trip)
+        source["classes"] = [int(k) for k in config.data.classes]
     if config.data.subset:  # recorded only when used: older manifests stay valid
         source.update(subset=int(config.data.subset), subset_seed=int(config.data.subset_seed))
     if "folder" in (config.data.source, c.type):  # since images are fitted one by one
@@ -62,7 +65,8 @@ def settings_record(config) -> dict:
         "noise_seed": int(c.noise_seed),
         "clean_count": int(c.clean_count),
         "clean_fraction": float(c.clean_fraction),
-        "corruption": {"type": c.type, **{k: c[k] for k in PARAMS_BY_TYPE[c.type]}},
+        "corruption": {"type": c.type, **{k: list(map(int, c[k])) if isinstance(c[k], tuple)
+                                          else c[k] for k in PARAMS_BY_TYPE[c.type]}},
         "dtype": c.dtype,
         "shard_size": int(c.shard_size),
     }
@@ -137,23 +141,49 @@ def _flip_labels(record: dict, source_labels: list, num_examples: int, num_class
     return {"labels": labels, "flipped": flipped, "original": original}
 
 
-def _write_folder(config, chunk: int, writer: _ShardWriter, first_index: int) -> int:
-    """Stream the images of corrupt.folder (resized like config.data) into ``writer``, indexed
-    from ``first_index`` on (after the source's); returns how many."""
-    if not config.corrupt.folder:
-        raise ValueError("config.corrupt.type='folder' needs config.corrupt.folder (a directory "
-                         "of low-quality images)")
+def pool_source(config):
+    """The data config of the low-quality pool of corrupt.type 'folder' (the images of
+    corrupt.folder) or 'ood' (the ood_classes of config.data's source, or another tfds set),
+    resized like config.data."""
+    c = config.corrupt
     data = config.data.copy_and_resolve_references()
     with data.unlocked():
-        data.source, data.folder, data.subset = "folder", config.corrupt.folder, 0
-    _, _, chunks = sources.iter_source(data, chunk)
-    count = 0
-    for images, _ in chunks:
-        stored = pixels.exact_uint8(images)  # a folder's images are always uint8 pixels
-        if stored is None:
-            raise RuntimeError(f"images of {config.corrupt.folder} are not uint8 pixels")
-        writer.add(images=stored, indices=first_index + np.arange(count, count + len(images)))
-        count += len(images)
+        data.subset = 0
+        if c.type == "folder":
+            if not c.folder:
+                raise ValueError("config.corrupt.type='folder' needs config.corrupt.folder (a "
+                                 "directory of low-quality images)")
+            data.source, data.folder, data.classes = "folder", c.folder, ()
+        elif c.ood_tfds_name:
+            data.source, data.tfds_name, data.split = "tfds", c.ood_tfds_name, c.ood_split
+            data.classes = ()
+        else:
+            data.classes = tuple(int(k) for k in c.ood_classes)
+    return data
+
+
+def _write_pool(config, chunk: int, writer: _ShardWriter, first_index: int) -> int:
+    """Stream the pool of ``pool_source`` into ``writer`` as uint8 pixels, indexed from
+    ``first_index`` on (after the source's); returns how many."""
+    data = pool_source(config)
+    what = (f"the low-quality folder {config.corrupt.folder}" if config.corrupt.type == "folder"
+            else "the out-of-distribution pool")
+    try:
+        _, _, chunks = sources.iter_source(data, chunk)
+        count = 0
+        for images, labels in chunks:
+            stored = pixels.exact_uint8(images)  # decoded pixels are always uint8 pixels
+            if stored is None:
+                raise RuntimeError(f"images of {what} are not uint8 pixels")
+            extra = {} if labels is None or config.corrupt.type == "folder" else {
+                "labels": np.asarray(labels, np.int32)}
+            writer.add(images=stored, indices=first_index + np.arange(count, count + len(images)),
+                       **extra)
+            count += len(images)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from err
+    if count == 0:
+        raise ValueError(f"{what} holds no images")
     return count
 
 
@@ -220,7 +250,7 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
     eval_w = _ShardWriter(tmp, "eval_only", record["shard_size"])
     sq_err, max_err, offset = 0.0, 0.0, 0
     t0 = time.time()
-    from_folder = record["corruption"]["type"] == "folder"
+    from_folder = record["corruption"]["type"] in ("folder", "ood")  # a pool, as it is
     _, _, chunks = sources.iter_source(config.data, chunk)
     for images, labels in chunks:
         index = np.arange(offset, offset + len(images))
@@ -246,8 +276,8 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
                         **({} if labels is None else {"labels": labels[n]}))
             eval_w.add(originals=as_stored(images[n]))
         logging.info("prepare: %d / %d images (%.0f s)", offset, num_examples, time.time() - t0)
-    if from_folder:  # the low-quality group: the images of corrupt.folder, as they are
-        noisy_idx = num_examples + np.arange(_write_folder(config, chunk, noisy_w, num_examples))
+    if from_folder:  # the low-quality group: the images of the pool, as they are
+        noisy_idx = num_examples + np.arange(_write_pool(config, chunk, noisy_w, num_examples))
     pixels_per_image = config.data.image_size**2 * config.data.channels
     if offset != num_examples:
         raise RuntimeError(f"the source yielded {offset} images on the second pass and "

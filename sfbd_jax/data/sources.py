@@ -187,6 +187,8 @@ def iter_source(data_config, chunk_size: int = 1024
     'folder') as chunks of (float32 images in [-1, 1], centre-cropped/resized to
     data.image_size; int32 labels or None). Returns (name, num_classes, iterator).
 
+    With ``data.classes`` only the images of those labels are kept (the target classes of an
+    out-of-distribution experiment), before ``data.subset`` is drawn.
     Only one chunk of full-size images is held at a time (CelebA's 218×178 originals).
     """
     source = data_config.source
@@ -211,14 +213,23 @@ def iter_source(data_config, chunk_size: int = 1024
         else:
             raise ValueError(f"unknown data.source {source!r}; known: 'mnist5k', 'tfds', "
                              "'folder'")
+        if data_config.classes:
+            pixels, labels = _keep_classes(pixels, labels, data_config.classes, name)
+            name = f"{name}[classes {','.join(map(str, data_config.classes))}]"
         if data_config.subset:
             pixels, labels = _random_subset(pixels, labels, data_config.subset,
                                             data_config.subset_seed, name)
             name = f"{name}[subset {data_config.subset}, seed {data_config.subset_seed}]"
         raw = _slices(pixels, labels, chunk_size)
 
+    if source == "tfds" and data_config.classes:
+        raw = (_keep_classes(x, y, data_config.classes, name) for x, y in raw)
+        name = f"{name}[classes {','.join(map(str, data_config.classes))}]"
+
     def chunks():
         for pixels, labels in raw:
+            if not len(pixels):
+                continue
             if source != "folder":  # folder images are fitted one by one in load_folder
                 pixels = resize_images(pixels, data_config.image_size, data_config.center_crop)
             if pixels.shape[-1] != data_config.channels:
@@ -227,6 +238,15 @@ def iter_source(data_config, chunk_size: int = 1024
             yield uint8_to_unit_range(pixels), labels
 
     return name, num_classes, chunks()
+
+
+def _keep_classes(pixels, labels, classes, name: str):
+    """The rows whose label is one of ``classes`` (config.data.classes), in order."""
+    if labels is None:
+        raise ValueError(f"config.data.classes={tuple(classes)} needs a labelled data set; "
+                         f"{name!r} has no labels")
+    keep = np.isin(labels, np.asarray(classes, np.int64))
+    return pixels[keep], labels[keep]
 
 
 def _random_subset(pixels, labels, size: int, seed: int, name: str):
