@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.corrupt.clean_count = 50  # clean images kept (SFBD headline: 50); 0 = use the fraction.
     c.corrupt.clean_fraction = 0.0  # e.g. 0.04 or 0.10 when clean_count is 0.
     # gaussian_noise | gaussian_blur | jpeg | motion_blur | folder (low-quality images from
-    # corrupt.folder instead of corrupting the non-clean part of the source, which is unused).
+    # corrupt.folder instead of corrupting the non-clean part of the source, which is unused)
+    # | ood (an out-of-distribution pool, below) | mixed (several of these, below).
     c.corrupt.type = "gaussian_noise"
     c.corrupt.sigma = 0.2  # gaussian_noise: σ_ζ on the [-1, 1] scale.
     c.corrupt.sigma_px = 0.6  # gaussian_blur: σ_B in pixels.
@@ -62,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.corrupt.ood_classes = ()
     c.corrupt.ood_tfds_name = ""
     c.corrupt.ood_split = "train"
+    # mixed: every non-clean image gets one component of this mixture (drawn ∝ weight, its
+    # index stored per image as noisy/types-*), 'ood' adds the pool above; e.g.
+    # "gaussian_blur:sigma_px=0.8; jpeg:quality=20; motion_blur:length=5,angle_deg=30; ood".
+    c.corrupt.mixture = ""
     # Condition corruption: flip this fraction η of the labels (clean and corrupted images
     # alike) to another class drawn from the class prior; 0 = none.
     c.corrupt.label_flip = 0.0
@@ -141,13 +146,17 @@ def get_config() -> ml_collections.ConfigDict:
     # 'fixed' (fixed_sigma_min for every low-quality image), 'classifier' (noise-conditional
     # classifier below), 'file' (annotation_file), 'every_sigma' (σ_min = 0: naive baseline),
     # 'exclude' (clean images only), 'crops' (σ_max per image from the crop classifier of
-    # ambient.locality; σ_min per locality.high_noise).
+    # ambient.locality; σ_min per locality.high_noise), 'per_type' (a mixed set: below).
     c.ambient.annotation = "fixed"
     # 'file': an .npz of sigma_min [, sigma_max, sigma_n], each (N,) in the order of the
     # prepared low-quality group (its source indices: noisy/indices-*.npy).
     c.ambient.annotation_file = ""
     c.ambient.fixed_sigma_min = 0.5
     c.ambient.fixed_sigma_max = 0.0  # locality: also used below this σ; 0 = never.
+    # 'per_type' (a mixed set): σ_min / σ_max per component, in corrupt.mixture's order
+    # (float('inf') = never at high noise; σ_max () = no low-noise use).
+    c.ambient.type_sigma_min = ()
+    c.ambient.type_sigma_max = ()
     c.ambient.s_max = 4.0  # safety factor √(s_max/(s_max−1)) above σ_min.
     c.ambient.known_noise = True  # gaussian_noise data: σ_n = corrupt.sigma, ambient loss.
     # The noise-conditional classifier c(x_σ, σ) → P(corrupted) (encoder half of the U-Net).

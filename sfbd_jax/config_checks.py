@@ -16,8 +16,9 @@ MNIST5K_SIZE = 5000
 CORRUPTION_PARAMS = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",),
                      "jpeg": ("quality",), "motion_blur": ("length", "angle_deg"),
                      "folder": ("folder",),
-                     "ood": ("ood_classes", "ood_tfds_name", "ood_split")}
-ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude", "crops")
+                     "ood": ("ood_classes", "ood_tfds_name", "ood_split"),
+                     "mixed": ("mixture", "ood_classes", "ood_tfds_name", "ood_split")}
+ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude", "crops", "per_type")
 HIGH_NOISE = ("never", "fixed", "classifier")
 KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd", "memorisation", "precision_recall",
                  "density_coverage")
@@ -181,9 +182,14 @@ def check_corruption(config) -> None:
         if key in checks and not checks[key][0]:
             raise ValueError(f"config.corrupt.{key}={c[key]!r} {checks[key][1]} (corruption "
                              f"{c.type!r})")
-    if c.type == "ood":
+    has_pool = c.type == "ood"
+    if c.type == "mixed":
+        from sfbd_jax.corruptions import parse_mixture
+
+        has_pool = any(m["type"] == "ood" for m in parse_mixture(c.mixture))
+    if has_pool:
         if bool(c.ood_classes) == bool(c.ood_tfds_name):
-            raise ValueError("config.corrupt.type='ood' needs exactly one pool: "
+            raise ValueError("an out-of-distribution pool needs exactly one source: "
                              "corrupt.ood_classes (other classes of config.data's source) or "
                              "corrupt.ood_tfds_name (another tfds data set)")
         overlap = set(map(int, c.ood_classes)) & set(map(int, config.data.classes))
@@ -342,6 +348,14 @@ def check_ambient(config) -> None:
         raise ValueError("config.ambient.fixed_sigma_min and fixed_sigma_max must be >= 0")
     if not a.s_max > 1.0:
         raise ValueError(f"config.ambient.s_max must be > 1, got {a.s_max}")
+    if a.annotation == "per_type":
+        if config.corrupt.type != "mixed":
+            raise ValueError("config.ambient.annotation='per_type' needs "
+                             "config.corrupt.type='mixed'")
+        values = [*a.type_sigma_min, *a.type_sigma_max]
+        if not a.type_sigma_min or any(not v >= 0 for v in values):
+            raise ValueError("config.ambient.type_sigma_min must list a σ_min >= 0 (inf = "
+                             "never at high noise) per mixture component, type_sigma_max >= 0")
     crops = a.annotation == "crops"
     if crops:
         loc = a.locality

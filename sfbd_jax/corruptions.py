@@ -214,3 +214,66 @@ def apply_corruption(images: np.ndarray, spec: Mapping[str, Any], key: jax.Array
     idx[:n] = indices
     out = _corrupt_jit(jnp.asarray(x), key, jnp.asarray(idx), kind=kind, params=params)
     return np.asarray(out, np.float32)[:n]  # sliced on the host: no compilation per n
+
+
+# ----- mixed-corruption pools ---------------------------------------------------------------
+
+MIXTURE_TYPES = CORRUPTIONS + ("ood",)
+_PARAM_TYPES = {"sigma": float, "sigma_px": float, "quality": int, "length": int,
+                "angle_deg": float, "weight": float}
+_NEEDED = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",), "jpeg": ("quality",),
+           "motion_blur": ("length", "angle_deg"), "ood": ()}
+
+
+def parse_mixture(spec: str) -> list[dict]:
+    """``corrupt.mixture`` → components, e.g. ``"gaussian_blur:sigma_px=0.8; jpeg:quality=20,
+    weight=2; motion_blur:length=5,angle_deg=30; gaussian_noise:sigma=0.2; ood"`` →
+    [{"type": "gaussian_blur", "sigma_px": 0.8, "weight": 1.0}, …]. Each non-clean source image
+    gets one corruption component, drawn with probability ∝ weight (default 1); ``ood`` adds
+    the out-of-distribution pool of corrupt.ood_* as a component of its own (every pool image,
+    its weight unused). Bad input raises ValueError naming the component."""
+    components = []
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        kind, _, args = part.partition(":")
+        kind = kind.strip()
+        if kind not in MIXTURE_TYPES:
+            raise ValueError(f"corrupt.mixture component {part!r}: unknown type {kind!r}; "
+                             f"known: {MIXTURE_TYPES}")
+        component: dict = {"type": kind, "weight": 1.0}
+        for item in (a.strip() for a in args.split(",") if a.strip()):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or key not in _NEEDED[kind] + ("weight",):
+                raise ValueError(f"corrupt.mixture component {part!r}: {item!r} is not one of "
+                                 f"{_NEEDED[kind] + ('weight',)} as key=value")
+            try:
+                component[key] = _PARAM_TYPES[key](value)
+            except ValueError as err:
+                raise ValueError(f"corrupt.mixture component {part!r}: {item!r}: {err}") from err
+        missing = [k for k in _NEEDED[kind] if k not in component]
+        if missing:
+            raise ValueError(f"corrupt.mixture component {part!r} needs {missing}")
+        if not component["weight"] > 0:
+            raise ValueError(f"corrupt.mixture component {part!r}: weight must be > 0")
+        components.append(component)
+    if not components:
+        raise ValueError("config.corrupt.type='mixed' needs config.corrupt.mixture, e.g. "
+                         "'gaussian_blur:sigma_px=0.8; jpeg:quality=20'")
+    if sum(c["type"] == "ood" for c in components) > 1:
+        raise ValueError("corrupt.mixture lists 'ood' more than once")
+    if all(c["type"] == "ood" for c in components):
+        raise ValueError("corrupt.mixture needs a corruption besides 'ood' (else use "
+                         "corrupt.type='ood')")
+    return components
+
+
+def mixture_assignment(num_examples: int, components: list[dict], seed: int) -> np.ndarray:
+    """(num_examples,) the component of every source position (among the non-'ood' ones, by
+    weight), drawn once from ``seed``: chunking and sharding do not change it."""
+    which = [i for i, c in enumerate(components) if c["type"] != "ood"]
+    weights = np.asarray([components[i]["weight"] for i in which], np.float64)
+    rng = np.random.default_rng([seed, 0x313D])
+    return np.asarray(which, np.int32)[rng.choice(len(which), num_examples,
+                                                  p=weights / weights.sum())]

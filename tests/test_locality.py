@@ -316,7 +316,7 @@ def test_ood_pool_errors(tmp_path):
     with pytest.raises(ValueError, match="share"):
         check_corruption(c)
     c = ood_config(tmp_path, ood_classes=())
-    with pytest.raises(ValueError, match="exactly one pool"):
+    with pytest.raises(ValueError, match="exactly one source"):
         check_corruption(c)
     # A pool of another image shape: RGB images where the target is grey.
     c = ood_config(tmp_path, ood_classes=(), ood_tfds_name="cifar10")
@@ -327,3 +327,95 @@ def test_ood_pool_errors(tmp_path):
     c = ood_config(tmp_path, ood_classes=(11,))
     with pytest.raises(ValueError, match="out-of-distribution pool.*no images"):
         prepare.prepare(c)
+
+
+# ----- mixed-corruption pools ---------------------------------------------------------------
+
+MIXTURE = "gaussian_blur:sigma_px=0.8; jpeg:quality=20,weight=2; gaussian_noise:sigma=0.2; ood"
+
+
+def test_parse_mixture_and_its_errors():
+    from sfbd_jax.corruptions import parse_mixture
+
+    assert parse_mixture(MIXTURE) == [
+        {"type": "gaussian_blur", "sigma_px": 0.8, "weight": 1.0},
+        {"type": "jpeg", "quality": 20, "weight": 2.0},
+        {"type": "gaussian_noise", "sigma": 0.2, "weight": 1.0}, {"type": "ood", "weight": 1.0}]
+    for spec, match in [("blur:sigma_px=1", "unknown type"), ("jpeg:q=20", "not one of"),
+                        ("motion_blur:length=5", "needs"), ("jpeg:quality=x", "quality=x"),
+                        ("ood", "besides 'ood'"), ("jpeg:quality=20; ood; ood", "more than once"),
+                        ("", "needs config.corrupt.mixture"),
+                        ("jpeg:quality=20,weight=0", "weight")]:
+        with pytest.raises(ValueError, match=match):
+            parse_mixture(spec)
+
+
+def mixed_config(tmp_path, name="data", shard_size=10_000):
+    c = ood_config(tmp_path)
+    c.corrupt.type, c.corrupt.mixture, c.corrupt.shard_size = "mixed", MIXTURE, shard_size
+    c.corrupt.output_dir = str(tmp_path / name)
+    return c
+
+
+def test_mixed_pool_records_each_images_component(tmp_path):
+    from sfbd_jax import corruptions
+    from sfbd_jax.data import prepare, shards, sources
+    from sfbd_jax.data.prepared import PreparedDataset
+
+    c = mixed_config(tmp_path)
+    manifest = prepare.prepare(c)
+    assert [m["type"] for m in manifest["mixture"]] == ["gaussian_blur", "jpeg",
+                                                       "gaussian_noise", "ood"]
+    assert prepare.prepare(c) == manifest  # the settings round trip: a no-op
+    data = PreparedDataset(c.corrupt.output_dir)
+    pool, _ = data.noisy()
+    types = data.noisy_types()
+    originals = shards.read_images(c.corrupt.output_dir, manifest["shards"]["eval_only"]
+                                   ["originals"])
+    labels = sources.load_mnist5k().labels
+    n_target, n_ood = int(np.isin(labels, range(5)).sum()), int(np.isin(labels, range(5, 10)).sum())
+    corrupted = n_target - 20
+    assert len(pool) == len(types) == len(originals) == corrupted + n_ood
+    counts = np.bincount(types, minlength=4)
+    assert counts[3] == n_ood and (types[corrupted:] == 3).all()
+    np.testing.assert_allclose(counts[:3] / corrupted, [0.25, 0.5, 0.25], atol=0.05)
+    # Every row is its original under its own component (within the float16 storage).
+    bound = manifest["storage_rounding"]["max_abs"]
+    key = __import__("jax").random.PRNGKey(c.corrupt.noise_seed)
+    _, indices = data.noisy()
+    for k in range(3):
+        rows = np.flatnonzero(types == k)[:16]
+        expected = corruptions.apply_corruption(originals[rows], manifest["mixture"][k], key,
+                                                indices[rows])
+        np.testing.assert_allclose(pool.images[rows], expected, atol=bound + 1e-6)
+    np.testing.assert_allclose(pool.images[corrupted:], originals[corrupted:], atol=bound)
+    # The assignment is a function of the source position, not of the sharding.
+    other = prepare.prepare(mixed_config(tmp_path, "data_small_shards", shard_size=300))
+    assert other["shards"]["noisy"]["types"] != manifest["shards"]["noisy"]["types"]
+    np.testing.assert_array_equal(PreparedDataset(str(tmp_path / "data_small_shards"))
+                                  .noisy_types(), types)
+
+
+def test_per_type_annotation_with_known_noise(tmp_path):
+    from sfbd_jax.data import prepare
+    from sfbd_jax.data.prepared import PreparedDataset
+    from sfbd_jax.methods import ambient
+    from sfbd_jax.utils import devices
+
+    c = mixed_config(tmp_path)
+    c.mode = "ambient"
+    prepare.prepare(c)
+    c.ambient.annotation = "per_type"
+    c.ambient.type_sigma_min = (0.4, 1.0, 0.0, float("inf"))
+    c.ambient.type_sigma_max = (0.0, 0.0, 0.0, 0.05)
+    _, ann, facts = ambient.training_set(c, str(tmp_path), devices.make_data_mesh())
+    types = PreparedDataset(c.corrupt.output_dir).noisy_types()
+    n_clean = 20
+    np.testing.assert_array_equal(ann.sigma_n[n_clean:], np.where(types == 2, 0.2, 0.0))
+    np.testing.assert_array_equal(  # σ_min raised to the known noise of the noise component
+        ann.sigma_min[n_clean:], np.array([0.4, 1.0, 0.2, np.inf])[types])
+    np.testing.assert_array_equal(ann.sigma_max[n_clean:], np.array([0, 0, 0, 0.05])[types])
+    assert facts["annotation"].startswith("per_type-") and facts["sigma_n"] == 0.2
+    c.ambient.type_sigma_min = (0.4, 1.0)
+    with pytest.raises(ValueError, match="4 components"):
+        ambient.annotate(c, str(tmp_path), devices.make_data_mesh())

@@ -78,7 +78,8 @@ def load(data_dir: str, name: str) -> dict[str, np.ndarray] | None:
     record = read_manifest(data_dir).get("annotations", {}).get(name)
     if record is None:
         return None
-    return {key: shards.read_shard(data_dir, entry) for key, entry in record["arrays"].items()}
+    return {key: shards.read_shard(data_dir, entry, allow_inf=key == "sigma_min")
+            for key, entry in record["arrays"].items()}
 
 
 def record(data_dir: str, name: str) -> dict | None:

@@ -162,9 +162,13 @@ def pool_source(config):
     return data
 
 
-def _write_pool(config, chunk: int, writer: _ShardWriter, first_index: int) -> int:
-    """Stream the pool of ``pool_source`` into ``writer`` as uint8 pixels, indexed from
-    ``first_index`` on (after the source's); returns how many."""
+def _write_pool(config, chunk: int, writer: _ShardWriter, first_index: int, convert=None,
+                extra: dict | None = None, originals=None) -> int:
+    """Stream the pool of ``pool_source`` into ``writer``, indexed from ``first_index`` on
+    (after the source's); returns how many. Stored as uint8 pixels, or as ``convert(images)``
+    (a mixed set's dtype) with each image also its own original: ``originals`` = (the
+    eval_only writer, the clean storage conversion); ``extra``: constant per-row arrays (a mixed
+    set's component id)."""
     data = pool_source(config)
     what = (f"the low-quality folder {config.corrupt.folder}" if config.corrupt.type == "folder"
             else "the out-of-distribution pool")
@@ -172,13 +176,19 @@ def _write_pool(config, chunk: int, writer: _ShardWriter, first_index: int) -> i
         _, _, chunks = sources.iter_source(data, chunk)
         count = 0
         for images, labels in chunks:
-            stored = pixels.exact_uint8(images)  # decoded pixels are always uint8 pixels
-            if stored is None:
+            exact = pixels.exact_uint8(images)  # decoded pixels are always uint8 pixels
+            if exact is None:
                 raise RuntimeError(f"images of {what} are not uint8 pixels")
-            extra = {} if labels is None or config.corrupt.type == "folder" else {
-                "labels": np.asarray(labels, np.int32)}
-            writer.add(images=stored, indices=first_index + np.arange(count, count + len(images)),
-                       **extra)
+            rows = {k: np.full(len(images), v, np.int32) for k, v in (extra or {}).items()}
+            if labels is not None and config.corrupt.type != "folder":
+                rows["labels"] = np.asarray(labels, np.int32)
+            if writer.buffers and ("labels" in writer.buffers) != ("labels" in rows):
+                raise ValueError("the pool and the corrupted source images must both have "
+                                 "labels or both have none")
+            writer.add(images=exact if convert is None else convert(images),
+                       indices=first_index + np.arange(count, count + len(images)), **rows)
+            if originals is not None:
+                originals[0].add(originals=originals[1](images))
             count += len(images)
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from err
@@ -251,6 +261,24 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
     sq_err, max_err, offset = 0.0, 0.0, 0
     t0 = time.time()
     from_folder = record["corruption"]["type"] in ("folder", "ood")  # a pool, as it is
+    mixture = (corruptions.parse_mixture(config.corrupt.mixture)
+               if record["corruption"]["type"] == "mixed" else None)
+    assignment = (None if mixture is None else
+                  corruptions.mixture_assignment(num_examples, mixture, record["noise_seed"]))
+
+    def stored_noisy(noisy: np.ndarray) -> np.ndarray:
+        """Corrupted values in the storage dtype; the rounding error is accumulated."""
+        nonlocal sq_err, max_err
+        stored = noisy.astype(dtype)
+        if not np.all(np.isfinite(stored)) and np.all(np.isfinite(noisy)):
+            raise OverflowError(
+                f"corrupted values reach {float(np.abs(noisy).max()):.4g}, beyond the range "
+                f"of {dtype.name}: prepare with config.corrupt.dtype='float32'")
+        diff = stored.astype(np.float32) - noisy
+        sq_err += float(np.sum(diff.astype(np.float64) ** 2))
+        max_err = max(max_err, float(np.abs(diff).max(initial=0.0)))
+        return stored
+
     _, _, chunks = sources.iter_source(config.data, chunk)
     for images, labels in chunks:
         index = np.arange(offset, offset + len(images))
@@ -262,22 +290,27 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
         if c.any():
             clean_w.add(images=as_stored(images[c]), indices=index[c], **extra)
         if n.any() and not from_folder:
-            noisy = corruptions.apply_corruption(images[n], record["corruption"], key, index[n],
-                                                 pad_to=chunk)
-            stored = noisy.astype(dtype)
-            if not np.all(np.isfinite(stored)) and np.all(np.isfinite(noisy)):
-                raise OverflowError(
-                    f"corrupted values reach {float(np.abs(noisy).max()):.4g}, beyond the range "
-                    f"of {dtype.name}: prepare with config.corrupt.dtype='float32'")
-            diff = stored.astype(np.float32) - noisy
-            sq_err += float(np.sum(diff.astype(np.float64) ** 2))
-            max_err = max(max_err, float(np.abs(diff).max()))
-            noisy_w.add(images=stored, indices=index[n],
-                        **({} if labels is None else {"labels": labels[n]}))
+            rows = {} if labels is None else {"labels": labels[n]}
+            if mixture is None:
+                noisy = corruptions.apply_corruption(images[n], record["corruption"], key,
+                                                     index[n], pad_to=chunk)
+            else:  # each image its own component (type and parameters), recorded as 'types'
+                rows["types"] = assignment[index[n]]
+                noisy = np.empty(images[n].shape, np.float32)
+                for k in np.unique(rows["types"]):
+                    sel = rows["types"] == k
+                    noisy[sel] = corruptions.apply_corruption(images[n][sel], mixture[k], key,
+                                                              index[n][sel], pad_to=chunk)
+            noisy_w.add(images=stored_noisy(noisy), indices=index[n], **rows)
             eval_w.add(originals=as_stored(images[n]))
         logging.info("prepare: %d / %d images (%.0f s)", offset, num_examples, time.time() - t0)
     if from_folder:  # the low-quality group: the images of the pool, as they are
         noisy_idx = num_examples + np.arange(_write_pool(config, chunk, noisy_w, num_examples))
+    ood = [i for i, c in enumerate(mixture or []) if c["type"] == "ood"]
+    if ood:  # a mixed set's pool, in the noisy dtype, each image its own original
+        pool = _write_pool(config, chunk, noisy_w, num_examples, convert=stored_noisy,
+                           extra={"types": ood[0]}, originals=(eval_w, as_stored))
+        noisy_idx = np.concatenate([noisy_idx, num_examples + np.arange(pool)])
     pixels_per_image = config.data.image_size**2 * config.data.channels
     if offset != num_examples:
         raise RuntimeError(f"the source yielded {offset} images on the second pass and "
@@ -298,6 +331,8 @@ def _write_prepared(config, record: dict, tmp: str) -> dict:
         "shards": {"clean": clean_w.close(), "noisy": noisy_w.close(),
                    "eval_only": eval_w.close()},
     }
+    if mixture is not None:  # component k of manifest["mixture"] for each noisy row ('types')
+        manifest["mixture"] = mixture
     if flip is not None:  # which labels were flipped, from what: for diagnostics only
         changed = np.flatnonzero(flip["flipped"])
         manifest["label_flip"] = {

@@ -60,3 +60,11 @@ class PreparedDataset:
         images, labels, indices = self._part("noisy")
         return (ImageDataset(images, labels, self.num_classes,
                              f"{self.manifest['source_name']}:noisy"), indices)
+
+    def noisy_types(self) -> np.ndarray | None:
+        """A mixed set's component (index into ``manifest['mixture']``) of every noisy image,
+        (N_noisy,) int32; None for a set of one corruption."""
+        entries = self.manifest["shards"]["noisy"].get("types")
+        if "mixture" not in self.manifest or not entries:
+            return None
+        return shards.read_all(self.directory, entries)

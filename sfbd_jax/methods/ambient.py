@@ -15,6 +15,8 @@ manifest → train → samples, and with ``eval.round_num_samples > 0`` the dist
                    aligned with the prepared low-quality group: noisy/indices-*.npy)
     'every_sigma'  σ_min = 0: low-quality images at every level (the naive baseline)
     'exclude'      σ_min = ∞: clean images only (the clean-only baseline, same code path)
+    'per_type'     a mixed-corruption set: σ_min (and σ_max) of each image's component, from
+                   ambient.type_sigma_min / type_sigma_max
     'crops'        σ_max per image from the crop classifier at the denoiser's receptive field
                    per σ (locality.py; the curve is plotted beside the annotation), σ_min per
                    ambient.locality.high_noise ('never', 'fixed' or 'classifier')
@@ -61,6 +63,40 @@ def known_noise_level(config, manifest: dict) -> float:
     return 0.0
 
 
+def known_noise_levels(config, data: PreparedDataset) -> np.ndarray:
+    """(N_low_quality,) σ_n per image: ``known_noise_level``, or in a mixed set σ of its
+    gaussian_noise components (with ambient.known_noise) and 0 for the others."""
+    n = int(data.manifest["counts"]["noisy"])
+    types = data.noisy_types()
+    if types is None:
+        return np.full(n, known_noise_level(config, data.manifest))
+    per_type = np.asarray([float(m["sigma"]) if m["type"] == "gaussian_noise" and
+                           config.ambient.known_noise else 0.0
+                           for m in data.manifest["mixture"]])
+    return per_type[types]
+
+
+def per_type_annotation(config, data: PreparedDataset) -> dict[str, np.ndarray]:
+    """Annotation 'per_type': σ_min (and σ_max) of each image of a mixed set from its
+    component, ambient.type_sigma_min / type_sigma_max listed in the mixture's order."""
+    types = data.noisy_types()
+    if types is None:
+        raise ValueError("config.ambient.annotation='per_type' needs a mixed-corruption data "
+                         "set (config.corrupt.type='mixed')")
+    mixture = data.manifest["mixture"]
+    out = {}
+    for key, values in (("sigma_min", config.ambient.type_sigma_min),
+                        ("sigma_max", config.ambient.type_sigma_max)):
+        if key == "sigma_max" and not values:
+            continue
+        if len(values) != len(mixture):
+            raise ValueError(
+                f"config.ambient.type_{key} lists {len(values)} values; the data set's mixture "
+                f"has {len(mixture)} components ({', '.join(m['type'] for m in mixture)})")
+        out[key] = np.asarray(values, np.float64)[types]
+    return out
+
+
 def classifier_dir(config, workdir: str, manifest: dict) -> str:
     fp = noise_classifier.fingerprint(config, manifest["settings"], manifest["counts"],
                                       prepare_lib.shards_digest(manifest))
@@ -101,6 +137,10 @@ def annotation_settings(config, manifest: dict, workdir: str) -> tuple[str, dict
     elif method == "classifier":
         settings = {"classifier": os.path.basename(classifier_dir(config, workdir, manifest)),
                     "annotate": config.ambient.annotate.to_dict()}
+    elif method == "per_type":
+        settings = {"sigma_min": [float(v) for v in config.ambient.type_sigma_min],
+                    "sigma_max": [float(v) for v in config.ambient.type_sigma_max],
+                    "mixture": manifest.get("mixture")}
     elif method == "crops":
         settings = locality.settings(config, workdir, manifest)
         if config.ambient.locality.high_noise == "classifier":
@@ -155,6 +195,8 @@ def annotate(config, workdir: str, mesh, writer=None) -> str:
         arrays = read_annotation_file(settings["file"], n)
     elif method == "every_sigma":
         arrays["sigma_min"] = np.zeros(n)
+    elif method == "per_type":
+        arrays = per_type_annotation(config, PreparedDataset(data_dir, lazy=True))
     elif method == "exclude":
         arrays["sigma_min"] = np.full(n, np.inf)
     elif method == "crops":
@@ -205,7 +247,7 @@ def training_set(config, workdir: str, mesh, writer=None
     n_bad = len(bad)
     sigma_n = stored.get("sigma_n")
     if sigma_n is None:
-        sigma_n = np.full(n_bad, known_noise_level(config, data.manifest))
+        sigma_n = known_noise_levels(config, data)
     sigma_min = np.maximum(stored["sigma_min"], sigma_n)  # never below the data's own noise
     bad_ann = eligibility.Annotations.make(sigma_min, stored.get("sigma_max"), sigma_n)
     clean_ann = eligibility.Annotations.make(np.zeros(len(clean)))
