@@ -15,7 +15,10 @@ CASES = [("default", None), ("mnist_edm", None), ("demo", None), ("cifar10_sfbd"
          ("ambient_mnist", "motion"), ("ambient_mnist", "noise"), ("ambient_mnist", "smoke"),
          ("ambient_cifar10", "blur0.4"), ("ambient_cifar10", "blur1.0"),
          ("ambient_cifar10", "jpeg"), ("cep_mnist", "clean"), ("cep_mnist", "flip20"),
-         ("cep_mnist", "cep_u"), ("cep_mnist", "cep_g"), ("cep_mnist", "smoke")]
+         ("cep_mnist", "cep_u"), ("cep_mnist", "cep_g"), ("cep_mnist", "smoke"),
+         *[("ambient_ood_mnist", v) for v in ("clean_only", "naive", "locality_fixed",
+                                              "locality_crops", "mixed", "both", "smoke")],
+         *[("ambient_ood_cifar10", v) for v in ("crops", "both", "naive", "clean_only")]]
 
 
 @pytest.mark.parametrize("name,variant", CASES)
@@ -36,6 +39,7 @@ def test_config_builds(name, variant):
         from sfbd_jax.methods import noise_classifier
 
         noise_classifier.build_model(c.ambient.classifier, c.data.image_size)
+        noise_classifier.build_model(c.ambient.crop_classifier, c.data.image_size)
         noise_classifier.sigma_grid(c.ambient.annotate)
 
 

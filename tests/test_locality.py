@@ -419,3 +419,21 @@ def test_per_type_annotation_with_known_noise(tmp_path):
     c.ambient.type_sigma_min = (0.4, 1.0)
     with pytest.raises(ValueError, match="4 components"):
         ambient.annotate(c, str(tmp_path), devices.make_data_mesh())
+
+
+def test_crop_probabilities_do_not_depend_on_batching():
+    from sfbd_jax.utils import devices
+
+    config = _crop_config()
+    clean, pools = _pools(n=20)
+    params = jax.tree.map(lambda s: jax.random.normal(jax.random.PRNGKey(1), s.shape) * 0.1,
+                          locality.init_template(config))
+    mesh = devices.make_data_mesh()
+    results = []
+    for batch in (4, 16):
+        config.ambient.annotate.batch_size = batch
+        results.append(locality.crop_probabilities(config, params, pools["blocky"],
+                                                   np.arange(100, 120), [1, 3, 3, 7], mesh))
+    assert results[0].shape == (20, 3)
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+    assert np.ptp(results[0]) > 0  # not a constant: the crops differ

@@ -35,15 +35,21 @@ def annotation_name(method: str, settings: dict) -> str:
     return f"{method}-{digest[:10]}"
 
 
-def summary(sigma_min: np.ndarray) -> dict:
-    """Quantiles of the finite σ_min values (None when there are none) and the count of
-    infinite ones (for the log and the manifest)."""
-    finite = sigma_min[np.isfinite(sigma_min)]
-    q = (np.quantile(finite, [0.0, 0.1, 0.5, 0.9, 1.0]).tolist() if finite.size
+def _quantiles(values: np.ndarray) -> dict:
+    q = (np.quantile(values, [0.0, 0.1, 0.5, 0.9, 1.0]).tolist() if values.size
          else [None] * 5)
-    return {"count": int(sigma_min.size), "infinite": int(sigma_min.size - finite.size),
-            "sigma_min_quantiles": dict(zip(("min", "q10", "median", "q90", "max"), q,
-                                                    strict=True))}
+    return dict(zip(("min", "q10", "median", "q90", "max"), q, strict=True))
+
+
+def summary(sigma_min: np.ndarray, sigma_max: np.ndarray | None = None) -> dict:
+    """Quantiles of the finite σ_min values (None when there are none), the count of infinite
+    ones and, when given, the quantiles of σ_max (for the log and the manifest)."""
+    finite = sigma_min[np.isfinite(sigma_min)]
+    out = {"count": int(sigma_min.size), "infinite": int(sigma_min.size - finite.size),
+           "sigma_min_quantiles": _quantiles(finite)}
+    if sigma_max is not None:
+        out["sigma_max_quantiles"] = _quantiles(np.asarray(sigma_max, np.float64))
+    return out
 
 
 def save(data_dir: str, method: str, settings: dict, arrays: dict[str, np.ndarray],
@@ -68,7 +74,8 @@ def save(data_dir: str, method: str, settings: dict, arrays: dict[str, np.ndarra
                for key, a in arrays.items()}
     manifest.setdefault("annotations", {})[name] = {
         "method": method, "settings": settings, "arrays": entries,
-        "summary": summary(np.asarray(arrays["sigma_min"], np.float64)), **(info or {})}
+        "summary": summary(np.asarray(arrays["sigma_min"], np.float64),
+                           arrays.get("sigma_max")), **(info or {})}
     jsonfile.write_json(os.path.join(data_dir, MANIFEST), manifest)
     return name
 

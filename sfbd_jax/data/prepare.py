@@ -380,7 +380,7 @@ def prepare(config) -> dict:
     if os.path.exists(out):
         os.rmdir(out)  # empty (checked above)
     os.replace(tmp, out)
-    logging.info("Prepared %s: %d clean + %d corrupted images in %s", manifest["source_name"],
+    logging.info("Prepared %s: %d clean + %d low-quality images in %s", manifest["source_name"],
                  manifest["counts"]["clean"], manifest["counts"]["noisy"], out)
     return manifest
 

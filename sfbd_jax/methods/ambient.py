@@ -263,7 +263,7 @@ def training_set(config, workdir: str, mesh, writer=None
     dataset = ImageDataset(images, labels, clean.num_classes, "clean+low_quality")
     facts = {"annotation": name, "clean": len(clean), "low_quality": n_bad,
              "sigma_n": float(sigma_n.max(initial=0.0)),
-             "annotation_summary": annotations_lib.summary(sigma_min)}
+             "annotation_summary": annotations_lib.summary(sigma_min, stored.get("sigma_max"))}
     return dataset, ann, facts
 
 

@@ -145,7 +145,8 @@ def crop_probabilities(config, params: dict, images, indices: np.ndarray,
                        crop_sizes: list[int], mesh) -> np.ndarray:
     """P(out-of-distribution) (N, U) of ``images`` (N, H, W, C) at each of the U distinct
     ``crop_sizes`` (sorted), the mean over ``locality.num_crops`` crops whose positions come
-    from (locality.seed, indices[i], size): batching does not change the result."""
+    from (locality.seed, indices[i], size): batching does not change the result. Each
+    dispatch holds annotate.batch_size × num_crops crops of one size."""
     cfg, loc = config.ambient.crop_classifier, config.ambient.locality
     side = config.data.image_size
     sizes = np.asarray(sorted(set(map(int, crop_sizes))), np.int64)
@@ -154,7 +155,6 @@ def crop_probabilities(config, params: dict, images, indices: np.ndarray,
         raise ValueError("config.ambient.locality.num_crops must be >= 1")
     model = build_classifier(cfg, side)
     batch_sh, repl = devices.batch_sharding(mesh), devices.replicated(mesh)
-    per_image = len(sizes) * k
     b = int(config.ambient.annotate.batch_size)
     devices.check_divisible(b, mesh, "config.ambient.annotate.batch_size")
 
@@ -164,28 +164,24 @@ def crop_probabilities(config, params: dict, images, indices: np.ndarray,
 
     params = jax.device_put(params, repl)
     out = []
-    for start in range(0, len(images), b):
+    for start in range(0, len(images), b):  # b images → one dispatch of b·k crops per size
         chunk = np.asarray(images[np.arange(start, min(start + b, len(images)))], np.float32)
         n = len(chunk)
-        size = np.tile(np.repeat(sizes, k), n)  # image-major, then size, then crop
-        tops, lefts = np.empty(n * per_image, np.int64), np.empty(n * per_image, np.int64)
-        for r, index in enumerate(np.asarray(indices[start:start + n])):
-            for u, s in enumerate(sizes):
+        p = np.empty((n, len(sizes)), np.float64)
+        for u, s in enumerate(sizes):
+            tops, lefts = np.zeros(b * k, np.int64), np.zeros(b * k, np.int64)
+            for r, index in enumerate(np.asarray(indices[start:start + n])):
                 rng = np.random.default_rng([loc.seed, 0xC207, int(index), int(s)])
-                t, lf = crop_positions(rng, np.full(k, s), side, side)
-                at = slice(r * per_image + u * k, r * per_image + (u + 1) * k)
-                tops[at], lefts[at] = t, lf
-        crops = extract_crops(np.repeat(chunk, per_image, axis=0), tops, lefts, size, side)
-        cond = size_label(size)
-        total = -(-len(crops) // b) * b  # the classifier sees batches of b crops
-        crops = np.concatenate([crops, np.zeros((total - len(crops), *crops.shape[1:]),
-                                                np.float32)])
-        cond = np.concatenate([cond, np.zeros(total - len(cond), np.float32)])
-        p = np.concatenate([
-            np.asarray(jax.device_get(probs(params, jax.device_put(crops[i:i + b], batch_sh),
-                                            jax.device_put(cond[i:i + b], batch_sh))))
-            for i in range(0, total, b)])[:n * per_image]
-        out.append(p.reshape(n, len(sizes), k).mean(axis=2))
+                tops[r * k:(r + 1) * k], lefts[r * k:(r + 1) * k] = crop_positions(
+                    rng, np.full(k, s), side, side)
+            padded = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), np.float32)])
+            crops = extract_crops(np.repeat(padded, k, axis=0), tops, lefts, np.full(b * k, s),
+                                  side)
+            cond = np.full(b * k, size_label([s])[0], np.float32)
+            probs_s = np.asarray(jax.device_get(probs(params, jax.device_put(crops, batch_sh),
+                                                      jax.device_put(cond, batch_sh))))
+            p[:, u] = probs_s[:n * k].reshape(n, k).mean(axis=1)
+        out.append(p)
     return np.concatenate(out) if out else np.zeros((0, len(sizes)))
 
 
@@ -371,6 +367,5 @@ def annotate(config, workdir: str, mesh, writer=None, high_noise_sigma_min=None
         raise ValueError(f"config.ambient.locality.high_noise={loc.high_noise!r} is unknown; "
                          "known: 'never', 'fixed', 'classifier'")
     info = {"receptive_field": curve, "crop_classifier": meta, "grid": grid.tolist(),
-            "mean_probability_ood": probs.mean(axis=0).tolist(),
-            "sigma_max_quantiles": np.quantile(sigma_max, [0, 0.1, 0.5, 0.9, 1]).tolist()}
+            "mean_probability_ood": probs.mean(axis=0).tolist()}
     return {"sigma_min": sigma_min, "sigma_max": sigma_max}, info
