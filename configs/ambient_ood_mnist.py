@@ -66,17 +66,27 @@ def get_config(variant: str = "locality_crops"):
         raise ValueError(f"unknown ambient_ood_mnist variant {variant!r}: 'clean_only', 'naive', "
                          "'locality_fixed', 'locality_crops', 'mixed', 'both', 'smoke'")
     if variant == "smoke":
-        c.data.subset = 300  # of the target digits; the pool: every digit 5–9
-        c.corrupt.clean_count = 20
-        c.model.base_channels, c.model.channel_mult = 8, (1, 2)
-        c.model.attn_resolutions, c.model.channels_per_head = (14,), 8
-        c.train.batch_size, c.train.total_images = 32, 128
-        c.train.num_samples = 8
-        c.sampler.num_steps = 4
-        c.ambient.locality.denoiser_images, c.ambient.locality.num_images = 64, 8
-        k = c.ambient.crop_classifier
-        k.base_channels, k.channel_mult, k.channels_per_head = 8, (1, 2), 8
-        k.steps, k.batch_size, k.log_every_steps = 20, 32, 10
-        c.ambient.annotate.num_sigmas, c.ambient.annotate.batch_size = 8, 64
-        c.eval.num_samples = 32
+        tiny(c)
+    return c
+
+
+def tiny(c):
+    """A tiny network and budget (the test suite; benchmarks/ambient_ood_mnist.py --smoke)."""
+    c.data.subset = 300  # of the target digits; the pool: every digit 5–9
+    c.corrupt.clean_count = 20
+    c.model.base_channels, c.model.channel_mult = 8, (1, 2)
+    c.model.attn_resolutions, c.model.channels_per_head = (14,), 8
+    c.train.batch_size, c.train.total_images = 32, 128
+    c.train.num_samples = 8
+    c.sampler.num_steps = 4
+    c.ambient.locality.denoiser_images, c.ambient.locality.num_images = 64, 8
+    k = c.ambient.crop_classifier
+    k.base_channels, k.channel_mult, k.channels_per_head = 8, (1, 2), 8
+    k.steps, k.batch_size, k.log_every_steps = 20, 32, 10
+    c.ambient.annotate.num_sigmas, c.ambient.annotate.batch_size = 8, 64
+    c.eval.num_samples = 32
+    c.eval.batch_size = 32
+    c.eval.swd_projections = 64
+    c.eval.classifier.steps, c.eval.classifier.width = 50, 8
+    c.eval.classifier.batch_size, c.eval.classifier.lr = 32, 1e-2
     return c

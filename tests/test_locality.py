@@ -228,6 +228,9 @@ def test_crops_annotation_in_the_manifest_and_the_training_set(digit_like_folder
     arrays = annotations_lib.load(data_dir, name)
     np.testing.assert_array_equal(arrays["sigma_min"], np.full(32, 0.4))
     assert np.isin(arrays["sigma_max"], record["grid"]).all()
+    # The annotation belongs to the data: another training seed finds it (and trains nothing).
+    c.seed = 7
+    assert ambient.annotate(c, workdir, mesh) == name
     # Training sees both rules: σ_min = 0.4 and the per-image σ_max.
     _, ann, facts = ambient.training_set(c, workdir, mesh)
     assert facts["annotation"] == name
@@ -437,3 +440,34 @@ def test_crop_probabilities_do_not_depend_on_batching():
     assert results[0].shape == (20, 3)
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
     assert np.ptp(results[0]) > 0  # not a constant: the crops differ
+
+
+@pytest.mark.slow
+def test_ambient_ood_benchmark_smoke(tmp_path):
+    """benchmarks/ambient_ood_mnist.py end to end (tiny) on the crop-classifier row for two
+    training seeds: one annotation (denoiser, crop classifier) shared by both, the metrics
+    against the target digits, the table's compute columns."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import ambient_ood_mnist
+
+    from sfbd_jax.data import prepare
+
+    out = str(tmp_path / "bench")
+    text = ambient_ood_mnist.main(["--out", out, "--smoke", "--rows", "locality_crops",
+                                   "--seeds", "0,1"])
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert [r["seed"] for r in results] == [0, 1]
+    for r in results:
+        assert np.isfinite(r["classifier_fd"]) and 0 <= r["recall"] <= 1
+        assert 0.0 < r["low_quality_share"] < 1.0 and r["sigma_max_median"] > 0
+        assert r["annotation_images"] == 64 + 20 * 32 and r["train_images"] == 128
+    manifest = prepare.read_manifest(os.path.join(out, "data", "ood"))
+    (record,) = manifest["annotations"].values()  # one annotation for both seeds
+    assert record["method"] == "crops"
+    shared = os.listdir(os.path.join(out, "annotator", "ood"))
+    assert sorted(d.split("-")[0] for d in shared) == ["crops", "denoiser"]
+    assert "| locality_crops |" in text and text.rstrip().endswith("| 0,1 |")

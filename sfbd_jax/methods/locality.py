@@ -212,7 +212,7 @@ def denoiser_dir(config, workdir: str, manifest: dict) -> str:
 
     record = {"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
               "optim": config.optim.to_dict(), "ema": config.ema.to_dict(),
-              "batch_size": config.train.batch_size, "seed": config.seed,
+              "batch_size": config.train.batch_size, "seed": config.ambient.locality.seed,
               "images": config.ambient.locality.denoiser_images,
               "shards": prepare_lib.shards_digest(manifest, ("clean",))}
     fp = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()
@@ -222,12 +222,18 @@ def denoiser_dir(config, workdir: str, manifest: dict) -> str:
 
 def denoiser_params(config, workdir: str, clean, writer=None):
     """(experiment, EMA parameters) of the denoiser of ``ambient.locality`` (see the module
-    docstring): restored from ``denoiser_checkpoint``, or trained on ``clean`` (resumable)."""
+    docstring): restored from ``denoiser_checkpoint``, or trained on ``clean`` (resumable) with
+    seed ``locality.seed``."""
     from sfbd_jax.data import prepare as prepare_lib
     from sfbd_jax.training import loop
     from sfbd_jax.utils import checkpoints
 
     loc = config.ambient.locality
+    # Its own seed (locality.seed): the annotation belongs to the data, so runs with other
+    # training seeds share it.
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.seed = int(loc.seed)
     experiment = loop.Experiment(config)
     if loc.denoiser_checkpoint:
         directory = os.path.join(os.path.abspath(loc.denoiser_checkpoint), "checkpoints")
