@@ -12,19 +12,14 @@ EDM's DDPM++ network and schedule. Needs CIFAR-10 prepared for tfds (`tfds build
 --data_dir DIR`, then --config.data.data_dir=DIR).
 """
 
-from configs import default, networks, paper
+from configs import ambient_cifar10
 
 
 def get_config(variant: str = "crops"):
-    c = default.get_config()
-    c.mode = "ambient"
-    paper.apply_paper_schedule(c)
-    c.data.source, c.data.tfds_name, c.data.split = "tfds", "cifar10", "train"
-    c.data.image_size, c.data.channels, c.data.random_flip = 32, 3, True
+    # ambient_cifar10's data, network, schedule and noise classifier; the pool replaces the
+    # blur.
+    c = ambient_cifar10.get_config("blur0.6")
     c.data.classes = (5,)
-    c.model = networks.ddpmpp_cifar10()
-    c.optim.lr = 1e-3
-    c.train.batch_size = 512
     c.train.total_images = 100_000_000
     c.corrupt.clean_count, c.corrupt.clean_fraction = 1_000, 0.0
     c.corrupt.type, c.corrupt.ood_classes = "ood", (3,)
@@ -32,16 +27,9 @@ def get_config(variant: str = "crops"):
     c.ambient.locality.num_images = 256
     c.ambient.locality.num_crops = 16
     k = c.ambient.crop_classifier
-    k.base_channels, k.channel_mult, k.num_blocks = 64, (2, 2, 2), 2
-    k.batch_size, k.steps, k.log_every_steps = 256, 20_000, 500
-    c.ambient.classifier.base_channels = 64
-    c.ambient.classifier.channel_mult = (2, 2, 2)
-    c.ambient.classifier.num_blocks = 2
-    c.ambient.classifier.batch_size = 256
-    c.ambient.classifier.steps = 20_000
-    c.ambient.annotate.num_sigmas = 32
-    c.ambient.annotate.num_draws = 8
-    c.ambient.annotate.batch_size = 256
+    for key in ("base_channels", "channel_mult", "num_blocks", "batch_size", "steps",
+                "log_every_steps"):
+        k[key] = c.ambient.classifier[key]
     if variant == "crops":
         c.ambient.annotation, c.ambient.locality.high_noise = "crops", "never"
     elif variant == "both":
