@@ -205,6 +205,19 @@ def crops_config(folder):
     return c
 
 
+def _initial_checkpoint(config, run_dir: str) -> str:
+    """A run directory whose checkpoints/ hold the initial state of ``config``'s network."""
+    import os
+
+    from sfbd_jax.training import loop
+    from sfbd_jax.utils import checkpoints
+
+    ckpt = checkpoints.Checkpointer(os.path.join(run_dir, "checkpoints"), enable_async=False)
+    ckpt.save(0, loop.Experiment(config).init_state())
+    ckpt.close()
+    return run_dir
+
+
 def test_crops_annotation_in_the_manifest_and_the_training_set(digit_like_folder, tmp_path):
     import os
 
@@ -218,6 +231,9 @@ def test_crops_annotation_in_the_manifest_and_the_training_set(digit_like_folder
     data_dir = c.corrupt.output_dir = os.path.join(workdir, "data")
     prepare.prepare(c)
     mesh = devices.make_data_mesh()
+    # The denoiser from a checkpoint (its initial state: the path is what is tested here; the
+    # slow test below trains one).
+    c.ambient.locality.denoiser_checkpoint = _initial_checkpoint(c, str(tmp_path / "denoiser"))
     name = ambient.annotate(c, workdir, mesh)
     (listed, record), = prepare.read_manifest(data_dir)["annotations"].items()
     assert listed == name and name.startswith("crops-")
@@ -236,8 +252,29 @@ def test_crops_annotation_in_the_manifest_and_the_training_set(digit_like_folder
     assert facts["annotation"] == name
     np.testing.assert_array_equal(ann.sigma_max[8:], arrays["sigma_max"])
     np.testing.assert_array_equal(ann.sigma_min[8:], np.full(32, 0.4))
-    # Another high-noise rule is another annotation; the denoiser and the crop classifier are
-    # reused (one cached folder each), the noise classifier trained for σ_min.
+
+
+@pytest.mark.slow
+def test_crops_annotation_with_the_noise_classifier_at_high_noise(digit_like_folder, tmp_path):
+    """σ_max from the crops and σ_min from the noise classifier: another annotation beside the
+    first, the denoiser and the crop classifier reused (one cached folder each)."""
+    import os
+
+    from sfbd_jax.data import annotations as annotations_lib
+    from sfbd_jax.data import prepare
+    from sfbd_jax.methods import ambient
+    from sfbd_jax.utils import devices
+
+    c = crops_config(digit_like_folder)
+    workdir = str(tmp_path / "run")
+    data_dir = c.corrupt.output_dir = os.path.join(workdir, "data")
+    prepare.prepare(c)
+    mesh = devices.make_data_mesh()
+    name = ambient.annotate(c, workdir, mesh)  # trains the denoiser on the 8 clean images
+    record = annotations_lib.record(data_dir, name)
+    arrays = annotations_lib.load(data_dir, name)
+    assert record["receptive_field"]["crop_sizes"] == sorted(
+        record["receptive_field"]["crop_sizes"])
     c.ambient.locality.high_noise = "classifier"
     c.ambient.classifier.base_channels, c.ambient.classifier.channel_mult = 8, (1, 2)
     c.ambient.classifier.channels_per_head, c.ambient.classifier.batch_size = 8, 8
