@@ -294,6 +294,7 @@ def test_conditional_sfbd_needs_labelled_noisy_data(tmp_path):
         run(c, str(tmp_path / "run"))
 
 
+@pytest.mark.slow  # end to end, ~25-30 s: keeps the everyday suite well under 15 min
 def test_conditional_training_on_tfds_labels(tmp_path):
     """mode=edm on a tfds data set's labels (tfds mock data): prepared with flipped labels,
     trained class-conditionally, sampled per class."""

@@ -199,6 +199,7 @@ def _classifier_config():
     return cfg
 
 
+@pytest.mark.slow  # end to end, ~25-30 s: keeps the everyday suite well under 15 min
 def test_classifier_is_trained_once_then_loaded_from_cache(tmp_path):
     data = sources.load_mnist5k()
     keep = np.arange(0, 5000, 10)

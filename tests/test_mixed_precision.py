@@ -77,6 +77,7 @@ def test_denoiser_output_is_float32_close_to_float32_and_exact_on_the_skip_path(
             assert err < 1e-3
 
 
+@pytest.mark.slow  # end to end, ~25-30 s: keeps the everyday suite well under 15 min
 def test_bfloat16_training_lowers_the_loss():
     # The float32 counterpart is tests/test_training.py::test_loss_falls_on_a_tiny_data_set.
     data = tiny_dataset()
