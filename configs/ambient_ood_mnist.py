@@ -20,7 +20,7 @@ noise classifier (--config.ambient.annotation=classifier on 'mixed') and use the
 log.
 """
 
-from configs import default
+from configs import ambient_mnist
 
 TARGET, OTHER = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 MIXTURE = "gaussian_blur:sigma_px=1.0; jpeg:quality=15; motion_blur:length=5,angle_deg=0"
@@ -29,19 +29,12 @@ OOD_SIGMA_MAX = 0.2  # placeholder (see above)
 
 
 def get_config(variant: str = "locality_crops"):
-    c = default.get_config()
-    c.mode = "ambient"
+    # ambient_mnist's network, budget, sampler and classifier; the pool replaces the blur.
+    c = ambient_mnist.get_config("blur")
     c.data.classes = TARGET
     c.corrupt.clean_count, c.corrupt.clean_fraction = 100, 0.0
     c.corrupt.type, c.corrupt.ood_classes = "ood", OTHER
-    c.train.total_images = 19_200
-    c.train.checkpoint_every_steps = 100
-    c.train.sample_every_steps = 0
-    c.optim.warmup_images = 6_400
-    c.ema.halflife_images = 20_000
-    c.sampler.num_steps = 10
-    c.eval.num_samples = 500
-    c.ambient.classifier.steps = 1_000
+    c.corrupt.sigma_px, c.ambient.fixed_sigma_min = 0.6, 0.5  # the defaults (unused here)
     c.ambient.crop_classifier.steps = 1_000
     c.ambient.crop_classifier.channel_mult = (1, 2)
     c.ambient.locality.denoiser_images = 12_800

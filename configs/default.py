@@ -159,19 +159,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ambient.type_sigma_max = ()
     c.ambient.s_max = 4.0  # safety factor √(s_max/(s_max−1)) above σ_min.
     c.ambient.known_noise = True  # gaussian_noise data: σ_n = corrupt.sigma, ambient loss.
-    # The noise-conditional classifier c(x_σ, σ) → P(corrupted) (encoder half of the U-Net).
-    c.ambient.classifier = ml_collections.ConfigDict()
-    c.ambient.classifier.base_channels = 16
-    c.ambient.classifier.channel_mult = (1, 2, 2)
-    c.ambient.classifier.num_blocks = 1
-    c.ambient.classifier.attn_resolutions = ()
-    c.ambient.classifier.channels_per_head = 64
-    c.ambient.classifier.batch_size = 64  # global, half clean and half low-quality.
-    c.ambient.classifier.steps = 1_500
-    c.ambient.classifier.lr = 1e-3
-    c.ambient.classifier.log_every_steps = 100
-    c.ambient.classifier.seed = 0
-    # σ_min of each low-quality image from P(corrupted) over a log-spaced σ grid.
+    # The noise-conditional classifier c(x_σ, σ) → P(corrupted) (encoder half of the U-Net);
+    # batch_size global, half clean and half low-quality.
+    c.ambient.classifier = _binary_classifier()
     # Locality (annotation 'crops'): σ_max of each low-quality / out-of-distribution image
     # from a crop classifier at the denoiser's receptive field per σ (methods/locality.py).
     c.ambient.locality = ml_collections.ConfigDict()
@@ -184,22 +174,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.ambient.locality.draws = 2  # noise draws per image and level.
     c.ambient.locality.num_crops = 8  # crops per image and crop size in the annotation.
     # σ_min of the pool images: 'never' (∞: low noise only), 'fixed' (fixed_sigma_min) or
-    # 'classifier' (the noise-conditional classifier below): usable at high and low noise.
+    # 'classifier' (the noise-conditional classifier above): usable at high and low noise.
     c.ambient.locality.high_noise = "never"
     c.ambient.locality.seed = 0
-    # The crop classifier: in-distribution vs pool crops, conditioned on the crop size.
-    c.ambient.crop_classifier = ml_collections.ConfigDict()
-    c.ambient.crop_classifier.base_channels = 16
-    c.ambient.crop_classifier.channel_mult = (1, 2, 2)
-    c.ambient.crop_classifier.num_blocks = 1
-    c.ambient.crop_classifier.attn_resolutions = ()
-    c.ambient.crop_classifier.channels_per_head = 64
-    c.ambient.crop_classifier.batch_size = 64  # global, half in-distribution and half pool.
-    c.ambient.crop_classifier.steps = 1_500
-    c.ambient.crop_classifier.lr = 1e-3
-    c.ambient.crop_classifier.log_every_steps = 100
-    c.ambient.crop_classifier.seed = 0
+    # The crop classifier: in-distribution vs pool crops, conditioned on the crop size (the
+    # same encoder and training settings; batch half in-distribution and half pool).
+    c.ambient.crop_classifier = _binary_classifier()
 
+    # σ_min of each low-quality image from P(corrupted) over a log-spaced σ grid.
     c.ambient.annotate = ml_collections.ConfigDict()
     c.ambient.annotate.sigma_lo = 0.01
     c.ambient.annotate.sigma_hi = 5.0
@@ -333,3 +315,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_every_steps = 500  # 0 = only at the end.
     c.train.num_samples = 64
     return c
+
+
+def _binary_classifier() -> ml_collections.ConfigDict:
+    """An Ambient-Omni annotator (models/unet.NoiseClassifier, trained by
+    noise_classifier.fit_binary): its network and training settings."""
+    k = ml_collections.ConfigDict()
+    k.base_channels = 16
+    k.channel_mult = (1, 2, 2)
+    k.num_blocks = 1
+    k.attn_resolutions = ()
+    k.channels_per_head = 64
+    k.batch_size = 64  # global, half of each class.
+    k.steps = 1_500
+    k.lr = 1e-3
+    k.log_every_steps = 100
+    k.seed = 0
+    return k

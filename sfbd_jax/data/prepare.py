@@ -149,10 +149,7 @@ def pool_source(config):
     data = config.data.copy_and_resolve_references()
     with data.unlocked():
         data.subset = 0
-        if c.type == "folder":
-            if not c.folder:
-                raise ValueError("config.corrupt.type='folder' needs config.corrupt.folder (a "
-                                 "directory of low-quality images)")
+        if c.type == "folder":  # corrupt.folder given: config_checks.check_corruption
             data.source, data.folder, data.classes = "folder", c.folder, ()
         elif c.ood_tfds_name:
             data.source, data.tfds_name, data.split = "tfds", c.ood_tfds_name, c.ood_split

@@ -234,6 +234,7 @@ def denoiser_params(config, workdir: str, clean, writer=None):
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.seed = int(loc.seed)
+        config.train.total_images = int(loc.denoiser_images)  # its phase length (num_steps)
     experiment = loop.Experiment(config)
     if loc.denoiser_checkpoint:
         directory = os.path.join(os.path.abspath(loc.denoiser_checkpoint), "checkpoints")
@@ -253,11 +254,7 @@ def denoiser_params(config, workdir: str, clean, writer=None):
         return experiment, state.ema_params
     manifest = prepare_lib.read_manifest(config.corrupt.output_dir)
     directory = denoiser_dir(config, workdir, manifest)
-    steps = int(loc.denoiser_images) // config.train.batch_size
-    steps -= steps % config.train.steps_per_dispatch
-    if steps <= 0:
-        raise ValueError("config.ambient.locality.denoiser_images must cover at least one "
-                         "dispatch of train.batch_size × train.steps_per_dispatch images")
+    steps = loop.num_steps(config)  # ≥ 1 dispatch: config_checks.check_ambient
     ckpt = checkpoints.Checkpointer.for_training(os.path.join(directory, "checkpoints"),
                                                  config.train)
     try:
@@ -288,9 +285,10 @@ def measure_curve(config, experiment, params, clean, grid: np.ndarray) -> dict:
     n = min(int(loc.num_images), len(clean))
     if n < 1:
         raise ValueError("the receptive-field measurement needs clean images")
-    rows = np.random.default_rng([loc.seed, 0x2F]).choice(len(clean), n, replace=False)
-    images = np.asarray(clean.images[np.sort(rows)], np.float32)
-    labels = (np.asarray(clean.labels[np.sort(rows)], np.int32)
+    rows = np.sort(np.random.default_rng([loc.seed, 0x2F]).choice(len(clean), n,
+                                                                   replace=False))
+    images = np.asarray(clean.images[rows], np.float32)
+    labels = (np.asarray(clean.labels[rows], np.int32)
               if config.model.num_classes and clean.labels is not None else None)
     return receptive_field.curve(experiment.denoise, params, images, grid,
                                  jax.random.PRNGKey(loc.seed), float(loc.mass),
