@@ -1,6 +1,7 @@
 """Ambient-Omni locality and mixed pools at CPU scale on the embedded digits.
 
-    python benchmarks/ambient_ood_mnist.py --out runs/ambient_ood --seeds 0,1
+    python benchmarks/ambient_ood_mnist.py --out runs/ambient_ood --seeds 0,1,2 \
+        --archive benchmarks/results/ambient_ood_mnist
     python benchmarks/ambient_ood_mnist.py --out /tmp/smoke --smoke          # tiny
 
 Target: digits 0–4, 100 of them clean (configs/ambient_ood_mnist.py). Rows, each with the same
@@ -78,7 +79,10 @@ def annotation_compute(record: dict | None, config) -> dict:
     return {"annotation_images": images}
 
 
-def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool) -> dict:
+def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool,
+            archive: str = "") -> dict:
+    """One row; a row already in OUT (or in ARCHIVE, a folder the results are committed to so a
+    table can be built across machines) is read, not rerun."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.data import annotations as annotations_lib
     from sfbd_jax.methods import ambient
@@ -87,8 +91,10 @@ def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool) -> di
     config = row_config(row, out, total_images, seed, smoke)
     workdir = row_workdir(out, row, seed)
     done = os.path.join(workdir, "benchmark_row.json")
-    if os.path.exists(done):
-        return jsonfile.read_json(done, {})
+    kept = os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
+    for path in (done, kept):
+        if path and os.path.exists(path):
+            return jsonfile.read_json(path, {})
     start = time.time()
     run.run(config, annotator_home(out, workdir, row))
     if row == "target_all":
@@ -104,8 +110,10 @@ def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool) -> di
                "sigma_min_median": (summary.get("sigma_min_quantiles") or {}).get("median"),
                "sigma_max_median": (summary.get("sigma_max_quantiles") or {}).get("median"),
                "train_images": config.train.total_images, **annotation_compute(record, config),
-               "seconds": time.time() - start, "workdir": workdir}
+               "seconds": time.time() - start, "machine": tables.machine()}
     jsonfile.write_json(done, out_row)
+    if kept:
+        jsonfile.write_json(kept, out_row)
     return out_row
 
 
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="training images per row (0 = the config's)")
     parser.add_argument("--seeds", default="0,1", help="training seeds (same data)")
     parser.add_argument("--smoke", action="store_true", help="tiny (the test suite)")
+    parser.add_argument("--archive", default="", help="copy each finished row (a few kB) "
+                        "here and reuse it, e.g. benchmarks/results/ambient_ood_mnist")
     args = parser.parse_args(argv)
     devices.configure_cpu_devices(0)
     logging.set_verbosity(logging.INFO)
@@ -166,7 +176,8 @@ def main(argv: list[str] | None = None) -> str:
             if row not in ROWS:
                 raise ValueError(f"unknown row {row!r}; rows: {ROWS}")
             print(f"[ambient_ood] seed {seed} {row}", flush=True)
-            results.append(run_row(row, out, args.total_images, seed, args.smoke))
+            results.append(run_row(row, out, args.total_images, seed, args.smoke,
+                                   os.path.abspath(args.archive) if args.archive else ""))
     text = table(results)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

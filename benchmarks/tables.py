@@ -15,6 +15,13 @@ NEIGHBOUR_COLUMNS = (
     ("density", "density", 3), ("coverage", "coverage ↑", 3))
 
 
+def machine() -> str:
+    """The machine and its load when a row finishes (for the evidence's 'machine and load')."""
+    import os
+
+    return f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
+
+
 def metrics_of(result: dict) -> dict:
     """The numbers of an evaluation record (wall-clock times left out)."""
     return {k: v for k, v in result.items()

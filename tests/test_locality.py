@@ -493,9 +493,9 @@ def test_ambient_ood_benchmark_smoke(tmp_path):
 
     from sfbd_jax.data import prepare
 
-    out = str(tmp_path / "bench")
+    out, archive = str(tmp_path / "bench"), str(tmp_path / "archive")
     text = ambient_ood_mnist.main(["--out", out, "--smoke", "--rows", "locality_crops",
-                                   "--seeds", "0,1"])
+                                   "--seeds", "0,1", "--archive", archive])
     results = json.load(open(os.path.join(out, "results.json")))
     assert [r["seed"] for r in results] == [0, 1]
     for r in results:
@@ -508,3 +508,9 @@ def test_ambient_ood_benchmark_smoke(tmp_path):
     shared = os.listdir(os.path.join(out, "annotator", "ood"))
     assert sorted(d.split("-")[0] for d in shared) == ["crops", "denoiser"]
     assert "| locality_crops |" in text and text.rstrip().endswith("| 0,1 |")
+    # The archived rows rebuild the table on a machine without the runs (nothing retrained).
+    assert sorted(os.listdir(archive)) == ["seed0_locality_crops.json",
+                                           "seed1_locality_crops.json"]
+    again = ambient_ood_mnist.main(["--out", str(tmp_path / "elsewhere"), "--smoke", "--rows",
+                                    "locality_crops", "--seeds", "0,1", "--archive", archive])
+    assert again == text and not os.path.exists(tmp_path / "elsewhere" / "seed0")
