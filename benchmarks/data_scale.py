@@ -16,7 +16,8 @@ checksums, manifest) under OUT/data/ — never committed; then, each in a fresh 
 
 Memory is the process's peak RssAnon (anonymous memory: heap, arrays; file-backed pages of
 the memory-mapped shards excluded), sampled every 50 ms. Disk: bytes per image of each group
-against float32 storage. Rows already in OUT/results.jsonl are skipped (resumable row by row);
+against float32 storage. Rows already in OUT/results.jsonl (or ARCHIVE/results.jsonl with
+``--archive``) are skipped (resumable row by row);
 ``--report`` prints the tables. The ``sfbd_round`` row also resumes *within* itself: its run
 directory is kept, and a killed worker is continued by the next call (see ``worker``).
 """
@@ -39,7 +40,10 @@ flags.DEFINE_string("sizes", "10000,100000", "Data set sizes (images).")
 flags.DEFINE_integer("image_size", 32, "Image side (3 channels).")
 flags.DEFINE_string("kinds", "sfbd_round,ambient,speed", "What to measure.")
 flags.DEFINE_integer("repeats", 1, "Speed measurements per variant, interleaved.")
-flags.DEFINE_bool("report", False, "Print the tables of OUT/results.jsonl and exit.")
+flags.DEFINE_string("archive", "", "Keep the rows (results.jsonl, a few kB) here instead of in "
+                    "OUT, e.g. benchmarks/results/data_scale: committed, the table is built "
+                    "across machines while the data sets stay in OUT.")
+flags.DEFINE_bool("report", False, "Print the tables of the rows and exit.")
 flags.DEFINE_string("worker", "", "Internal: run one measurement and print its JSON.")
 flags.DEFINE_string("data", "", "Internal: the prepared data directory.")
 FLAGS = flags.FLAGS
@@ -302,7 +306,7 @@ def _t95(n: int) -> float:
 
 
 def report(out: str) -> None:
-    rows = _rows(os.path.join(out, "results.jsonl"))
+    rows = _rows(os.path.join(FLAGS.archive or out, "results.jsonl"))
     print("| set | kind | peak RssAnon (MiB) | images/s | input wait | seconds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -362,7 +366,9 @@ def main(argv):
         report(out)
         return
     os.makedirs(out, exist_ok=True)
-    results = os.path.join(out, "results.jsonl")
+    if FLAGS.archive:
+        os.makedirs(FLAGS.archive, exist_ok=True)
+    results = os.path.join(FLAGS.archive or out, "results.jsonl")
     done = {(r["kind"], r["images"], r["image_size"]) for r in _rows(results)}
     for num in (int(s) for s in FLAGS.sizes.split(",")):
         data_dir = os.path.join(out, "data", f"synthetic{num}_{FLAGS.image_size}")
@@ -379,7 +385,8 @@ def main(argv):
             if (kind, num, FLAGS.image_size) in done:
                 continue
             row = {"kind": kind, "images": num, "image_size": FLAGS.image_size,
-                   "machine": f"{os.cpu_count()} CPU cores"}
+                   "machine": f"{os.cpu_count()} CPU cores, load average "
+                              f"{os.getloadavg()[0]:.1f} at the start"}
             if kind == "disk":
                 row.update(groups=disk_figures(data_dir, manifest),
                            seconds=time.perf_counter() - t0)
