@@ -134,6 +134,10 @@ COLUMNS = ((("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓"
            + tables.NEIGHBOUR_COLUMNS)
 
 
+PAIRED = (("classifier_fd", "classifier FD", 2), ("swd", "sliced W₁", 4),
+          ("precision", "precision", 3), ("recall", "recall", 3), ("coverage", "coverage", 3))
+
+
 def _median(value) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.3g}"
 
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> str:
             print(f"[ambient_ood] seed {seed} {row}", flush=True)
             results.append(run_row(row, out, args.total_images, seed, args.smoke,
                                    os.path.abspath(args.archive) if args.archive else ""))
-    text = table(results)
+    paired = tables.paired_table(results, "clean_only", PAIRED)
+    text = table(results) + ("\n\n" + paired if paired else "")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:

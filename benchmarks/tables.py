@@ -53,3 +53,33 @@ def cells(group: list[dict], columns) -> list[str]:
     """One formatted cell per (key, header, digits) column over the rows of ``group``."""
     return [fmt([g[key] for g in group if g.get(key) is not None], digits)
             for key, _, digits in columns]
+
+
+def paired_table(results: list[dict], baseline: str, columns) -> str:
+    """Markdown table of each row's difference to ``baseline`` on the same seed, mean ± 95%
+    interval over the seeds both have (rows compared paired: the seed-to-seed spread of a
+    metric is often larger than the rows' differences). ``columns``: (key, header, digits).
+    Empty when no result is of ``baseline``."""
+    base = {r["seed"]: r for r in results if r["row"] == baseline}
+    if not base:
+        return ""
+    lines = [f"| row − {baseline} (same seed) | " + " | ".join(h for _, h, _ in columns)
+             + " | seeds |", "|---|" + "---|" * len(columns) + "---|"]
+    for row in dict.fromkeys(r["row"] for r in results):
+        group = [r for r in results if r["row"] == row and r["seed"] in base]
+        if row == baseline or not group:
+            continue
+        diffs = [[r[k] - base[r["seed"]][k] for r in group
+                  if r.get(k) is not None and base[r["seed"]].get(k) is not None]
+                 for k, _, _ in columns]
+        lines.append(f"| {row} | " + " | ".join(
+            _signed(d, digits) for d, (_, _, digits) in zip(diffs, columns, strict=True))
+            + " | " + ",".join(str(r["seed"]) for r in group) + " |")
+    return "\n".join(lines)
+
+
+def _signed(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    mean, half = mean_ci(values)
+    return f"{mean:+.{digits}f}" + ("" if len(values) == 1 else f" ± {half:.{digits}f}")

@@ -1,0 +1,30 @@
+"""The benchmark tables' statistics: the 95% Student-t interval and the paired-by-seed table."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import tables  # noqa: E402
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = tables.mean_ci([1.0, 2.0, 3.0])
+    # t(0.975, 2) = 4.3027, s = 1, n = 3.
+    assert mean == 2.0 and half == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)
+    assert np.isnan(tables.mean_ci([5.0])[1])
+
+
+def test_paired_table_differences_by_seed():
+    results = [{"row": "base", "seed": s, "fd": f} for s, f in ((0, 10.0), (1, 20.0), (2, 30.0))]
+    # 'better' is 1, 2, 3 below the baseline of its own seed; unpaired its mean is 18 ± 25.
+    results += [{"row": "better", "seed": s, "fd": f} for s, f in ((0, 9.0), (1, 18.0), (2, 27.0))]
+    results += [{"row": "alone", "seed": 7, "fd": 1.0}]  # no baseline on seed 7: left out
+    text = tables.paired_table(results, "base", (("fd", "FD", 2),))
+    lines = text.splitlines()
+    assert lines[0] == "| row − base (same seed) | FD | seeds |"
+    mean, half = tables.mean_ci([-1.0, -2.0, -3.0])
+    assert lines[2] == f"| better | {mean:+.2f} ± {half:.2f} | 0,1,2 |" and len(lines) == 3
+    assert tables.paired_table(results, "missing", (("fd", "FD", 2),)) == ""
