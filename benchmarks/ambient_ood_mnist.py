@@ -14,6 +14,8 @@ network and the same number of training images:
   mixed           + the other target digits, each blurred / JPEG-compressed / motion-blurred,
                   above its component's fixed σ_min
   both            + the mixed pool above σ_min and digits 5–9 below σ_max
+  mixed_classifier + the mixed pool, each image above its own σ_min from the noise classifier
+                  (its σ_min median per corruption in the row's 'sigma_min_by_type')
 Columns: classifier-feature Fréchet distance and sliced W₁ of the samples against the target
 digits only, memorisation and precision/recall (the evaluation's), the share of pool images in
 the batches, the annotation's σ_max / σ_min medians, and the annotation's own compute (images
@@ -38,8 +40,10 @@ from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
 
-ROWS = ("target_all", "clean_only", "naive", "locality_fixed", "locality_crops", "mixed", "both")
-DATA = {"mixed": "mixed", "both": "both"}  # every other row: the digits-5–9 pool ("ood")
+ROWS = ("target_all", "clean_only", "naive", "locality_fixed", "locality_crops", "mixed", "both",
+        "mixed_classifier")
+# The data set of each row (the pool's prepared set); every other row: the digits-5–9 pool.
+DATA = {"mixed": "mixed", "mixed_classifier": "mixed", "both": "both"}
 
 
 def row_config(row: str, out: str, total_images: int, seed: int, smoke: bool):
@@ -109,6 +113,8 @@ def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool,
                "low_quality_share": facts["low_quality_share"],
                "sigma_min_median": (summary.get("sigma_min_quantiles") or {}).get("median"),
                "sigma_max_median": (summary.get("sigma_max_quantiles") or {}).get("median"),
+               "sigma_min_by_type": {k: v["sigma_min_quantiles"]["median"]
+                                     for k, v in facts.get("annotation_by_type", {}).items()},
                "train_images": config.train.total_images, **annotation_compute(record, config),
                "seconds": time.time() - start, "machine": tables.machine()}
     jsonfile.write_json(done, out_row)

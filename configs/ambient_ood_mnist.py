@@ -12,6 +12,8 @@ of which only ``corrupt.clean_count`` = 100 are available clean. Variants
                     the clean digits first)
   'mixed'           the non-clean target digits as a pool of several corruptions (blur, JPEG,
                     motion blur), each used above its component's fixed σ_min ('per_type')
+  'mixed_classifier' the same pool, each image above its own σ_min from the noise-conditional
+                    classifier (the Ambient summary lists the σ_min quantiles per component)
   'both'            the mixed pool plus the digits 5–9, the corrupted ones above σ_min and the
                     out-of-distribution ones below σ_max
   'smoke'           'locality_crops' with a tiny network and budget (the test suite)
@@ -50,6 +52,9 @@ def get_config(variant: str = "locality_crops"):
     elif variant == "mixed":
         c.corrupt.type, c.corrupt.mixture = "mixed", MIXTURE
         c.ambient.annotation, c.ambient.type_sigma_min = "per_type", MIXED_SIGMA_MIN
+    elif variant == "mixed_classifier":
+        c.corrupt.type, c.corrupt.mixture = "mixed", MIXTURE
+        c.ambient.annotation = "classifier"  # σ_min per image, whatever its component
     elif variant == "both":
         c.corrupt.type, c.corrupt.mixture = "mixed", MIXTURE + "; ood"
         c.ambient.annotation = "per_type"
@@ -57,7 +62,8 @@ def get_config(variant: str = "locality_crops"):
         c.ambient.type_sigma_max = (0.0, 0.0, 0.0, OOD_SIGMA_MAX)
     else:
         raise ValueError(f"unknown ambient_ood_mnist variant {variant!r}: 'clean_only', 'naive', "
-                         "'locality_fixed', 'locality_crops', 'mixed', 'both', 'smoke'")
+                         "'locality_fixed', 'locality_crops', 'mixed', 'mixed_classifier', "
+                         "'both', 'smoke'")
     if variant == "smoke":
         tiny(c)
     return c

@@ -17,7 +17,8 @@ CASES = [("default", None), ("mnist_edm", None), ("demo", None), ("cifar10_sfbd"
          ("ambient_cifar10", "jpeg"), ("cep_mnist", "clean"), ("cep_mnist", "flip20"),
          ("cep_mnist", "cep_u"), ("cep_mnist", "cep_g"), ("cep_mnist", "smoke"),
          *[("ambient_ood_mnist", v) for v in ("clean_only", "naive", "locality_fixed",
-                                              "locality_crops", "mixed", "both", "smoke")],
+                                              "locality_crops", "mixed", "mixed_classifier", "both",
+                                              "smoke")],
          *[("ambient_ood_cifar10", v) for v in ("crops", "both", "naive", "clean_only")]]
 
 

@@ -456,6 +456,13 @@ def test_per_type_annotation_with_known_noise(tmp_path):
         ann.sigma_min[n_clean:], np.array([0.4, 1.0, 0.2, np.inf])[types])
     np.testing.assert_array_equal(ann.sigma_max[n_clean:], np.array([0, 0, 0, 0.05])[types])
     assert facts["annotation"].startswith("per_type-") and facts["sigma_n"] == 0.2
+    by_type = facts["annotation_by_type"]  # the summary per component, in the mixture's order
+    assert list(by_type) == ["0:gaussian_blur", "1:jpeg", "2:gaussian_noise", "3:ood"]
+    assert [by_type[k]["count"] for k in by_type] == np.bincount(types, minlength=4).tolist()
+    assert by_type["1:jpeg"]["sigma_min_quantiles"]["median"] == 1.0
+    assert by_type["2:gaussian_noise"]["sigma_min_quantiles"]["max"] == 0.2
+    assert by_type["3:ood"]["infinite"] == by_type["3:ood"]["count"]
+    assert by_type["3:ood"]["sigma_max_quantiles"]["median"] == 0.05
     c.ambient.type_sigma_min = (0.4, 1.0)
     with pytest.raises(ValueError, match="4 components"):
         ambient.annotate(c, str(tmp_path), devices.make_data_mesh())

@@ -264,7 +264,23 @@ def training_set(config, workdir: str, mesh, writer=None
     facts = {"annotation": name, "clean": len(clean), "low_quality": n_bad,
              "sigma_n": float(sigma_n.max(initial=0.0)),
              "annotation_summary": annotations_lib.summary(sigma_min, stored.get("sigma_max"))}
+    types = data.noisy_types()
+    if types is not None:
+        facts["annotation_by_type"] = summary_by_type(
+            data.manifest["mixture"], types, sigma_min, stored.get("sigma_max"))
     return dataset, ann, facts
+
+
+def summary_by_type(mixture: list[dict], types: np.ndarray, sigma_min: np.ndarray,
+                    sigma_max: np.ndarray | None) -> dict[str, dict]:
+    """A mixed set's annotation summary per component ('<index>:<type>' in the mixture's
+    order): which corruption the annotation finds usable at which σ."""
+    out = {}
+    for i, component in enumerate(mixture):
+        mine = types == i
+        out[f"{i}:{component['type']}"] = annotations_lib.summary(
+            sigma_min[mine], None if sigma_max is None else np.asarray(sigma_max)[mine])
+    return out
 
 
 def low_quality_share(sampler: eligibility.EligibleSampler, n_clean: int, seed: int,
