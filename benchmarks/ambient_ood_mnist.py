@@ -21,7 +21,8 @@ digits only, memorisation and precision/recall (the evaluation's), the share of 
 the batches, the annotation's σ_max / σ_min medians, and the annotation's own compute (images
 the locality denoiser and the crop classifier trained on; equal training images per row).
 Several seeds: mean ± 95% interval (the data and annotations stay the same; the training seed
-changes). Every row resumes where it stopped; OUT/results.json, OUT/table.md.
+changes). Every row resumes where it stopped; OUT/results.json, OUT/table.md (with each row's
+difference to clean_only on the same seed), OUT/samples_seed<S>.png.
 """
 
 from __future__ import annotations
@@ -164,6 +165,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_first_seed(results: list[dict], out: str) -> None:
+    """OUT/samples_seed<S>.png: the final samples of every row of the first seed, where this
+    machine still has them (rows read from an archive may not)."""
+    import ambient_mnist
+
+    if not results:
+        return
+    seed = results[0]["seed"]
+    have = [{**r, "workdir": row_workdir(out, r["row"], seed)} for r in results
+            if r["seed"] == seed and os.path.exists(
+                os.path.join(row_workdir(out, r["row"], seed), "samples", "final.png"))]
+    if have:
+        ambient_mnist.plot_samples(have, os.path.join(out, f"samples_seed{seed}.png"))
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -194,6 +210,7 @@ def main(argv: list[str] | None = None) -> str:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
+    plot_first_seed(results, out)
     print(text)
     print(f"[ambient_ood] done in {time.time() - start:.0f} s; results in {out}")
     return text
