@@ -99,7 +99,10 @@ def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool,
     kept = os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
     for path in (done, kept):
         if path and os.path.exists(path):
-            return jsonfile.read_json(path, {})
+            row_result = jsonfile.read_json(path, {})
+            if kept and not os.path.exists(kept):  # finished before the archive was named
+                jsonfile.write_json(kept, row_result)
+            return row_result
     start = time.time()
     run.run(config, annotator_home(out, workdir, row))
     if row == "target_all":
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--total_images", type=int, default=0,
                         help="training images per row (0 = the config's)")
-    parser.add_argument("--seeds", default="0,1", help="training seeds (same data)")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds (same data)")
     parser.add_argument("--smoke", action="store_true", help="tiny (the test suite)")
     parser.add_argument("--archive", default="", help="copy each finished row (a few kB) "
                         "here and reuse it, e.g. benchmarks/results/ambient_ood_mnist")
