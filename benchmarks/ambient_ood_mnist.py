@@ -176,9 +176,10 @@ def plot_first_seed(results: list[dict], out: str) -> None:
     if not results:
         return
     seed = results[0]["seed"]
-    have = [{**r, "workdir": row_workdir(out, r["row"], seed)} for r in results
-            if r["seed"] == seed and os.path.exists(
-                os.path.join(row_workdir(out, r["row"], seed), "samples", "final.png"))]
+    rows = [{**r, "workdir": row_workdir(out, r["row"], seed)} for r in results
+            if r["seed"] == seed]
+    have = [r for r in rows
+            if os.path.exists(os.path.join(r["workdir"], "samples", "final.png"))]
     if have:
         ambient_mnist.plot_samples(have, os.path.join(out, f"samples_seed{seed}.png"))
 

@@ -33,6 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tables  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("out", "runs/data_scale", "Output directory (data sets, results).")
@@ -390,8 +391,7 @@ def main(argv):
             if (kind, num, FLAGS.image_size) in done:
                 continue
             row = {"kind": kind, "images": num, "image_size": FLAGS.image_size,
-                   "machine": f"{os.cpu_count()} CPU cores, load average "
-                              f"{os.getloadavg()[0]:.1f} at the start"}
+                   "machine": tables.machine() + " at the start"}
             if kind == "disk":
                 row.update(groups=disk_figures(data_dir, manifest),
                            seconds=time.perf_counter() - t0)

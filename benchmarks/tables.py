@@ -16,7 +16,7 @@ NEIGHBOUR_COLUMNS = (
 
 
 def machine() -> str:
-    """The machine and its load when a row finishes (for the evidence's 'machine and load')."""
+    """The machine and its load average now (for the evidence's 'machine and load')."""
     import os
 
     return f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
