@@ -97,12 +97,9 @@ def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool,
     workdir = row_workdir(out, row, seed)
     done = os.path.join(workdir, "benchmark_row.json")
     kept = os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
-    for path in (done, kept):
-        if path and os.path.exists(path):
-            row_result = jsonfile.read_json(path, {})
-            if kept and not os.path.exists(kept):  # finished before the archive was named
-                jsonfile.write_json(kept, row_result)
-            return row_result
+    row_result = tables.finished_row(done, kept)
+    if row_result:
+        return row_result
     start = time.time()
     run.run(config, annotator_home(out, workdir, row))
     if row == "target_all":
@@ -121,9 +118,7 @@ def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool,
                                      for k, v in facts.get("annotation_by_type", {}).items()},
                "train_images": config.train.total_images, **annotation_compute(record, config),
                "seconds": time.time() - start, "machine": tables.machine()}
-    jsonfile.write_json(done, out_row)
-    if kept:
-        jsonfile.write_json(kept, out_row)
+    tables.record_row(out_row, done, kept)
     return out_row
 
 

@@ -11,7 +11,10 @@ mean over the per-class distances, the classifier's accuracy on the samples (is 
 class k recognised as k), sliced W₁; each at every guidance scale of --guidance (1 = the
 conditional model as trained); memorisation (against the 5,000 training digits), precision/recall
 and density/coverage in the classifier's features. ``--seeds 0,1,2`` repeats every row (mean ±
-95% interval). Every row resumes where it stopped.
+95% interval). Every row resumes where it stopped; ``--archive DIR`` also keeps each row's
+result (a few kB) in DIR and reuses it on any machine, so a table is built across sessions:
+    python benchmarks/cep_mnist.py --out runs/cep_mnist --seeds 0,1,2 \
+        --archive benchmarks/results/cep_mnist
 Writes OUT/results.json and OUT/table.md.
 """
 
@@ -39,30 +42,37 @@ COLUMNS = ((("classifier_fd", "classifier FD ↓", 2),
            + tables.NEIGHBOUR_COLUMNS)
 
 
-def run_row(row: str, out: str, seed: int = 0, guidances: tuple[float, ...] = (1.0,)
-            ) -> dict:
+def run_row(row: str, out: str, seed: int = 0, guidances: tuple[float, ...] = (1.0,),
+            archive: str = "") -> dict:
+    """One row, evaluated at each guidance scale. A row already in OUT, or in ARCHIVE (a folder
+    the results are committed to, so the table can be built across machines), is read; a
+    guidance scale it lacks is evaluated from the row's checkpoint (retrained, deterministically,
+    when only the archived record is here)."""
     from configs import cep_mnist
     from sfbd_jax import evaluate, run
-    from sfbd_jax.utils import jsonfile
 
     config = cep_mnist.get_config(row)
     config.seed = seed
     config.eval.cache_dir = os.path.join(out, "cache")
     workdir = os.path.join(out, f"seed{seed}", row)
     done = os.path.join(workdir, "benchmark_row.json")
-    out_row = jsonfile.read_json(done, {})
-    if not out_row:
+    kept = os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
+    out_row = tables.finished_row(done, kept)
+    missing = [w for w in guidances if f"{w:g}" not in out_row.get("by_guidance", {})]
+    if not missing:
+        return out_row
+    if not out_row or not os.path.isdir(os.path.join(workdir, "checkpoints")):
         start = time.time()
         run.run(config, workdir)
         out_row = {"row": row, "seed": seed, "label_flip": config.corrupt.label_flip,
                    "cep": config.cep.kind, "train_images": config.train.total_images,
-                   "train_seconds": time.time() - start, "by_guidance": {}}
-    for w in guidances:
-        if f"{w:g}" not in out_row["by_guidance"]:
-            config.sampler.guidance = w
-            result = evaluate.evaluate(config, workdir, "latest")
-            out_row["by_guidance"][f"{w:g}"] = tables.metrics_of(result)
-            jsonfile.write_json(done, out_row)
+                   "train_seconds": time.time() - start, "by_guidance": {},
+                   **out_row, "machine": tables.machine()}
+    for w in missing:
+        config.sampler.guidance = w
+        result = evaluate.evaluate(config, workdir, "latest")
+        out_row["by_guidance"][f"{w:g}"] = tables.metrics_of(result)
+        tables.record_row(out_row, done, kept)
     return out_row
 
 
@@ -89,6 +99,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--guidance", default="1,2",
                         help="guidance scales to evaluate each row at (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny (the test suite)")
+    parser.add_argument("--archive", default="", help="copy each finished row (a few kB) "
+                        "here and reuse it, e.g. benchmarks/results/cep_mnist")
     args = parser.parse_args(argv)
     rows = ["smoke"] if args.smoke else args.rows.split(",")
     devices.configure_cpu_devices(0)
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> str:
         for row in rows:
             print(f"[cep] seed {seed} {row}", flush=True)
             results.append(run_row(row, out, seed,
-                                   tuple(float(w) for w in args.guidance.split(","))))
+                                   tuple(float(w) for w in args.guidance.split(",")),
+                                   os.path.abspath(args.archive) if args.archive else ""))
     text = table(results)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

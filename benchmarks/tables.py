@@ -3,6 +3,8 @@ evaluation record, and the columns of the memorisation and quality/diversity met
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 # (key of the evaluation record, column header, digits).
@@ -17,9 +19,32 @@ NEIGHBOUR_COLUMNS = (
 
 def machine() -> str:
     """The machine and its load average now (for the evidence's 'machine and load')."""
-    import os
-
     return f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
+
+
+def finished_row(done: str, kept: str = "") -> dict:
+    """A finished benchmark row: the run's own record ``done``, else its committed copy ``kept``
+    (a file in an archive folder, so a table can be built across machines; "" = no archive);
+    {} when neither exists. A row found only in ``done`` is copied to ``kept``."""
+    from sfbd_jax.utils import jsonfile
+
+    for path in (done, kept):
+        if path and os.path.exists(path):
+            row = jsonfile.read_json(path, {})
+            if kept and not os.path.exists(kept):  # finished before the archive was named
+                jsonfile.write_json(kept, row)
+            return row
+    return {}
+
+
+def record_row(row: dict, done: str, kept: str = "") -> None:
+    """Write a (finished or updated) row to the run's record ``done`` and, when an archive is
+    named, to its committed copy ``kept``."""
+    from sfbd_jax.utils import jsonfile
+
+    jsonfile.write_json(done, row)
+    if kept:
+        jsonfile.write_json(kept, row)
 
 
 def metrics_of(result: dict) -> dict:

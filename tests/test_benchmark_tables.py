@@ -28,3 +28,15 @@ def test_paired_table_differences_by_seed():
     mean, half = tables.mean_ci([-1.0, -2.0, -3.0])
     assert lines[2] == f"| better | {mean:+.2f} ± {half:.2f} | 0,1,2 |" and len(lines) == 3
     assert tables.paired_table(results, "missing", (("fd", "FD", 2),)) == ""
+
+
+def test_finished_rows_are_read_from_the_run_or_the_archive(tmp_path):
+    done, kept = str(tmp_path / "run" / "row.json"), str(tmp_path / "archive" / "seed0_a.json")
+    assert tables.finished_row(done, kept) == {} and not os.path.exists(kept)
+    tables.record_row({"fd": 1.0}, done)  # no archive named: the run's record only
+    assert not os.path.exists(kept)
+    assert tables.finished_row(done, kept) == {"fd": 1.0} and os.path.exists(kept)  # copied
+    os.remove(done)  # another machine: only the committed copy
+    assert tables.finished_row(done, kept) == {"fd": 1.0}
+    tables.record_row({"fd": 2.0}, done, kept)
+    assert tables.finished_row("", kept) == tables.finished_row(done) == {"fd": 2.0}

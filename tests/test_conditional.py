@@ -182,7 +182,8 @@ def test_cep_benchmark_smoke(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import cep_mnist
 
-    text = cep_mnist.main(["--out", str(tmp_path), "--smoke"])
+    archive = str(tmp_path / "archive")
+    text = cep_mnist.main(["--out", str(tmp_path), "--smoke", "--archive", archive])
     (row,) = json.load(open(tmp_path / "results.json"))
     assert row["label_flip"] == 0.1 and row["cep"] == "gaussian"
     assert set(row["by_guidance"]) == {"1", "2"}
@@ -200,6 +201,11 @@ def test_cep_benchmark_smoke(tmp_path):
     guided = json.load(open(tmp_path / "seed0" / "smoke" / "eval" / evals[1]))
     assert guided["guidance"] == 2.0 and guided["checkpoint"] == evals[0][:-len(".json")]
     assert "| smoke | 10.0% | gaussian | 1 |" in text and "| smoke | 10.0% | gaussian | 2 |" in text
+    # The archived row rebuilds the table on a machine without the run (nothing retrained).
+    assert os.listdir(archive) == ["seed0_smoke.json"]
+    elsewhere = tmp_path / "elsewhere"
+    assert cep_mnist.main(["--out", str(elsewhere), "--smoke", "--archive", archive]) == text
+    assert not (elsewhere / "seed0").exists()
 
 
 def test_labels_outside_the_model_classes_are_refused():
