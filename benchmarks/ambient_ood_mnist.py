@@ -96,7 +96,7 @@ def run_row(row: str, out: str, total_images: int, seed: int, smoke: bool,
     config = row_config(row, out, total_images, seed, smoke)
     workdir = row_workdir(out, row, seed)
     done = os.path.join(workdir, "benchmark_row.json")
-    kept = os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
+    kept = tables.archived_file(archive, seed, row)
     row_result = tables.finished_row(done, kept)
     if row_result:
         return row_result

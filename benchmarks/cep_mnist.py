@@ -56,7 +56,7 @@ def run_row(row: str, out: str, seed: int = 0, guidances: tuple[float, ...] = (1
     config.eval.cache_dir = os.path.join(out, "cache")
     workdir = os.path.join(out, f"seed{seed}", row)
     done = os.path.join(workdir, "benchmark_row.json")
-    kept = os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
+    kept = tables.archived_file(archive, seed, row)
     out_row = tables.finished_row(done, kept)
     missing = [w for w in guidances if f"{w:g}" not in out_row.get("by_guidance", {})]
     if not missing:

@@ -22,6 +22,12 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
 
 
+def archived_file(archive: str, seed: int, row: str) -> str:
+    """The committed copy of row ``row``, seed ``seed`` in the archive folder ``archive``
+    ("" when no archive is named): one naming scheme for every per-row benchmark."""
+    return os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
+
+
 def finished_row(done: str, kept: str = "") -> dict:
     """A finished benchmark row: the run's own record ``done``, else its committed copy ``kept``
     (a file in an archive folder, so a table can be built across machines; "" = no archive);

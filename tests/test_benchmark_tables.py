@@ -31,7 +31,10 @@ def test_paired_table_differences_by_seed():
 
 
 def test_finished_rows_are_read_from_the_run_or_the_archive(tmp_path):
-    done, kept = str(tmp_path / "run" / "row.json"), str(tmp_path / "archive" / "seed0_a.json")
+    done = str(tmp_path / "run" / "row.json")
+    kept = tables.archived_file(str(tmp_path / "archive"), 0, "a")
+    assert kept == str(tmp_path / "archive" / "seed0_a.json")
+    assert tables.archived_file("", 0, "a") == ""
     assert tables.finished_row(done, kept) == {} and not os.path.exists(kept)
     tables.record_row({"fd": 1.0}, done)  # no archive named: the run's record only
     assert not os.path.exists(kept)
