@@ -33,10 +33,11 @@ D^(k) against the originals; mean ± 95% interval over seeds.
 precision (config.model.compute_dtype; use a new --out) to measure its effect on quality.
 Every run resumes where it stopped; re-running the command only redoes what is missing, and
 ``--finished_only`` tabulates the rows finished so far without training anything (a table built
-across sessions). ``--archive DIR`` copies every finished row's result (its
-``reproduce_row.json``, a few kB; no checkpoints or images) into DIR in the same layout, so the
-table can be rebuilt from a committed folder on a machine that no longer has the runs:
-``--out DIR --finished_only`` (the figures that need a run's files are then left out).
+across sessions). ``--archive DIR`` keeps every row's result (its ``reproduce_row.json``, a
+few kB; no checkpoints or images) in DIR, in the same layout, as soon as the row finishes, and
+reads there the rows --out lacks, so the table is rebuilt from a committed folder on a machine
+that no longer has the runs: ``--out NEW --archive DIR --finished_only`` (the figures that need
+a run's files are then left out).
 Writes OUT/results.json, OUT/table.md and the figures OUT/*.png.
 """
 
@@ -140,9 +141,19 @@ def check_protocol(rows: list[dict], config, path: str) -> list[dict]:
     return rows
 
 
+def row_record(folder: str, seed: int, variant: str, row: str) -> str:
+    """The result file of a row in ``folder`` (a run folder or an archive: the same layout);
+    "" when no folder is named."""
+    return os.path.join(row_workdir(folder, seed, variant, row), "reproduce_row.json") \
+        if folder else ""
+
+
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
-            compute_dtype: str = "float32", equal_compute: bool = False) -> list[dict]:
-    """Train (or resume) one row and return its result rows (one per SFBD round)."""
+            compute_dtype: str = "float32", equal_compute: bool = False,
+            archive: str = "") -> list[dict]:
+    """Train (or resume) one row and return its result rows (one per SFBD round). A row
+    finished in ``out`` or kept in ``archive`` is read back; a row finished here is copied into
+    ``archive`` at once (so a session cut off mid-command loses no finished row)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
@@ -150,9 +161,12 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
 
     config = row_config(variant, seed, row, out, budget_scale, compute_dtype, equal_compute)
     workdir = row_workdir(out, seed, variant, row)
-    done_path = os.path.join(workdir, "reproduce_row.json")
-    if os.path.exists(done_path):
-        return check_protocol(jsonfile.read_json(done_path, []), config, done_path)
+    done_path = row_record(out, seed, variant, row)
+    kept = row_record(archive, seed, variant, row)
+    finished = tables.finished_row(done_path, kept)
+    if finished:
+        return check_protocol(finished, config, done_path if os.path.exists(done_path)
+                              else kept)
     start = time.time()
     if row in ("oracle", "noisy"):
         run._setup()
@@ -190,7 +204,7 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
                  else config.corrupt.sigma, variant=variant, seconds=seconds,
                  train_images=config.train.total_images, workdir=workdir,
                  compute_dtype=compute_dtype)
-    jsonfile.write_json(done_path, rows)
+    tables.record_row(rows, done_path, kept)
     return rows
 
 
@@ -217,11 +231,11 @@ def with_compute(r: dict) -> dict:
 
 def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
             rows: tuple[str, ...] = ROW_ORDER, compute_dtype: str = "float32",
-            finished_only: bool = False, equal_compute: bool = False) -> list[dict]:
+            finished_only: bool = False, equal_compute: bool = False,
+            archive: str = "") -> list[dict]:
     """The result rows of ``plan`` × ``rows``, training what is missing (``finished_only``:
-    read back the finished rows only, train nothing)."""
-    from sfbd_jax.utils import jsonfile
-
+    read back the finished rows only, train nothing). Rows are read from ``out`` or, failing
+    that, from ``archive`` (and every row finished in ``out`` is kept there)."""
     unknown = set(rows) - set(ROW_ORDER)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; known: {ROW_ORDER}")
@@ -233,13 +247,15 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
                 continue
             seen.add(key)
             if finished_only:
-                path = os.path.join(row_workdir(out, seed, variant, row), "reproduce_row.json")
-                results.extend(check_protocol(jsonfile.read_json(path, []), row_config(
-                    variant, seed, row, out, budget_scale, compute_dtype, equal_compute), path))
+                done = row_record(out, seed, variant, row)
+                results.extend(check_protocol(
+                    tables.finished_row(done, row_record(archive, seed, variant, row)) or [],
+                    row_config(variant, seed, row, out, budget_scale, compute_dtype,
+                               equal_compute), done))
                 continue
             print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
             results.extend(run_row(variant, seed, row, out, budget_scale, compute_dtype,
-                                   equal_compute))
+                                   equal_compute, archive))
     return [with_compute(r) for r in results]
 
 
@@ -529,23 +545,6 @@ def report(results: list[dict], out: str) -> str:
     return text
 
 
-def archive(plan: list[tuple[int, str]], rows: tuple[str, ...], out: str, dest: str) -> int:
-    """Copy the finished rows' results of ``plan`` × ``rows`` from ``out`` into ``dest`` (same
-    layout); returns how many were copied."""
-    import shutil
-
-    copied = 0
-    for seed, variant in plan:
-        for row in rows:
-            source = os.path.join(row_workdir(out, seed, variant, row), "reproduce_row.json")
-            if os.path.exists(source):
-                target = os.path.join(row_workdir(dest, seed, variant, row), "reproduce_row.json")
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copyfile(source, target)
-                copied += 1
-    return copied
-
-
 def parse_plan(spec: str) -> list[tuple[int, str]]:
     plan = []
     for item in spec.split(","):
@@ -572,7 +571,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--finished_only", action="store_true",
                         help="tabulate the rows already finished; train nothing")
     parser.add_argument("--archive", default="",
-                        help="copy the finished rows' results into this folder (to commit)")
+                        help="keep every finished row's result in this folder (to commit) "
+                             "and read rows missing from --out there")
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
@@ -582,10 +582,8 @@ def main(argv: list[str] | None = None) -> str:
     start = time.time()
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype,
-                          args.finished_only, args.equal_compute), out)
-    if args.archive:
-        copied = archive(plan, rows, out, os.path.abspath(args.archive))
-        print(f"[reproduce] {copied} finished rows' results copied to {args.archive}")
+                          args.finished_only, args.equal_compute,
+                          os.path.abspath(args.archive) if args.archive else ""), out)
     print(text)
     print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
     return text

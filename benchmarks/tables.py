@@ -28,10 +28,11 @@ def archived_file(archive: str, seed: int, row: str) -> str:
     return os.path.join(archive, f"seed{seed}_{row}.json") if archive else ""
 
 
-def finished_row(done: str, kept: str = "") -> dict:
-    """A finished benchmark row: the run's own record ``done``, else its committed copy ``kept``
-    (a file in an archive folder, so a table can be built across machines; "" = no archive);
-    {} when neither exists. A row found only in ``done`` is copied to ``kept``."""
+def finished_row(done: str, kept: str = "") -> dict | list:
+    """A finished benchmark row (a JSON record: one dict, or a list of them for a row with
+    rounds): the run's own record ``done``, else its committed copy ``kept`` (a file in an
+    archive folder, so a table can be built across machines; "" = no archive); {} when neither
+    exists. A row found only in ``done`` is copied to ``kept``."""
     from sfbd_jax.utils import jsonfile
 
     for path in (done, kept):
@@ -43,7 +44,7 @@ def finished_row(done: str, kept: str = "") -> dict:
     return {}
 
 
-def record_row(row: dict, done: str, kept: str = "") -> None:
+def record_row(row: dict | list, done: str, kept: str = "") -> None:
     """Write a (finished or updated) row to the run's record ``done`` and, when an archive is
     named, to its committed copy ``kept``."""
     from sfbd_jax.utils import jsonfile

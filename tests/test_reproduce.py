@@ -22,13 +22,14 @@ from sfbd_jax.diffusion import sampler  # noqa: E402
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reproduce"))
-    text = reproduce_mnist.main(["--out", out, "--smoke"])
-    return out, text
+    archive = str(tmp_path_factory.mktemp("archive"))
+    text = reproduce_mnist.main(["--out", out, "--smoke", "--archive", archive])
+    return out, text, archive
 
 
 @pytest.mark.slow
 def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
-    out, text = smoke_run
+    out, text, archive = smoke_run
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     rows = {(r["row"], r["round"]) for r in results}
@@ -83,12 +84,20 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     # Re-running finds every row done: nothing is trained again, the table is the same.
     assert reproduce_mnist.main(["--out", out, "--smoke"]) == text
     assert reproduce_mnist.main(["--out", out, "--smoke", "--finished_only"]) == text
-    # The finished rows' results alone (what is committed) rebuild the same table.
-    kept = os.path.join(out, "archived")
-    reproduce_mnist.main(["--out", out, "--smoke", "--finished_only", "--archive", kept])
+    # Every finished row was kept in the archive (its result only, a few kB), and the archive
+    # alone (what is committed) rebuilds the same table on a machine without the runs.
+    kept = [os.path.relpath(d, archive) for d, _, files in os.walk(archive)
+            if "reproduce_row.json" in files]
+    assert len(kept) == 7 and os.path.join("seed0", "smoke", "sfbd") in kept
     assert not any(name.endswith((".npy", ".png")) or name == "checkpoints"
-                   for _, dirs, files in os.walk(kept) for name in dirs + files)
-    assert reproduce_mnist.main(["--out", kept, "--smoke", "--finished_only"]) == text
+                   for _, dirs, files in os.walk(archive) for name in dirs + files)
+    elsewhere = os.path.join(out, "elsewhere")
+    assert reproduce_mnist.main(["--out", elsewhere, "--smoke", "--finished_only",
+                                 "--archive", archive]) == text
+    # Rows finished before an archive was named are copied into it when read.
+    late = os.path.join(out, "late_archive")
+    reproduce_mnist.main(["--out", out, "--smoke", "--finished_only", "--archive", late])
+    assert reproduce_mnist.main(["--out", late, "--smoke", "--finished_only"]) == text
     # Rows of another protocol are refused, not mixed into the table.
     with pytest.raises(ValueError, match="use a new --out"):
         reproduce_mnist.main(["--out", out, "--smoke", "--finished_only", "--equal_compute"])
@@ -98,7 +107,7 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
 def test_dps_calibration_on_the_smoke_runs_pretrained_model(smoke_run):
     import dps_calibration
 
-    out, _ = smoke_run
+    out, _, _ = smoke_run
     args = ["--out", out, "--variant", "smoke", "--count", "8", "--grid",
             "normalized:4:1,likelihood:3:0.5"]
     rows = dps_calibration.main(args)
@@ -127,7 +136,7 @@ def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
     metric the reproduction recorded; bad --checkpoint values give clear errors."""
     from sfbd_jax.run import run_evaluation
 
-    out, _ = smoke_run
+    out, _, _ = smoke_run
     config = reproduce_mnist.row_config("smoke", 0, "oracle", out)
     workdir = reproduce_mnist.row_workdir(out, 0, "smoke", "oracle")
     with open(os.path.join(workdir, "reproduce_row.json")) as f:
@@ -214,7 +223,7 @@ def test_budget_probe_evaluates_each_budget_of_one_long_run(smoke_run, monkeypat
 
     from sfbd_jax.training import loop
 
-    out, _ = smoke_run  # its own files beside the table's; the classifier cache is shared
+    out, _, _ = smoke_run  # its own files beside the table's; the classifier cache is shared
     points = budget_probe.main(["--out", out, "--smoke", "--points", "1,2"])
     assert [p["point"] for p in points] == [1, 2]
     assert [p["train_images"] for p in points] == [192, 384]  # the smoke table's budget: 192
