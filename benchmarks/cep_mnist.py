@@ -12,7 +12,8 @@ class k recognised as k), sliced W₁; each at every guidance scale of --guidanc
 conditional model as trained); memorisation (against the 5,000 training digits), precision/recall
 and density/coverage in the classifier's features. ``--seeds 0,1,2`` repeats every row (mean ±
 95% interval). Every row resumes where it stopped; ``--archive DIR`` also keeps each row's
-result (a few kB) in DIR and reuses it on any machine, so a table is built across sessions:
+result (a few kB) in DIR and reuses it on any machine, so a table is built across sessions
+(``--finished_only`` tabulates the rows finished so far, training nothing):
     python benchmarks/cep_mnist.py --out runs/cep_mnist --seeds 0,1,2 \
         --archive benchmarks/results/cep_mnist
 Writes OUT/results.json and OUT/table.md.
@@ -43,11 +44,12 @@ COLUMNS = ((("classifier_fd", "classifier FD ↓", 2),
 
 
 def run_row(row: str, out: str, seed: int = 0, guidances: tuple[float, ...] = (1.0,),
-            archive: str = "") -> dict:
+            archive: str = "", finished_only: bool = False) -> dict:
     """One row, evaluated at each guidance scale. A row already in OUT, or in ARCHIVE (a folder
     the results are committed to, so the table can be built across machines), is read; a
     guidance scale it lacks is evaluated from the row's checkpoint (retrained, deterministically,
-    when only the archived record is here)."""
+    when only the archived record is here). ``finished_only``: read back what is finished
+    ({} for a row that is not), train and evaluate nothing."""
     from configs import cep_mnist
     from sfbd_jax import evaluate, run
 
@@ -59,7 +61,7 @@ def run_row(row: str, out: str, seed: int = 0, guidances: tuple[float, ...] = (1
     kept = tables.archived_file(archive, seed, row)
     out_row = tables.finished_row(done, kept)
     missing = [w for w in guidances if f"{w:g}" not in out_row.get("by_guidance", {})]
-    if not missing:
+    if not missing or finished_only:
         return out_row
     if not out_row or not os.path.isdir(os.path.join(workdir, "checkpoints")):
         start = time.time()
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--smoke", action="store_true", help="tiny (the test suite)")
     parser.add_argument("--archive", default="", help="copy each finished row (a few kB) "
                         "here and reuse it, e.g. benchmarks/results/cep_mnist")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="tabulate the rows finished so far; train nothing")
     args = parser.parse_args(argv)
     rows = ["smoke"] if args.smoke else args.rows.split(",")
     devices.configure_cpu_devices(0)
@@ -112,9 +116,11 @@ def main(argv: list[str] | None = None) -> str:
     for seed in (int(v) for v in args.seeds.split(",")):
         for row in rows:
             print(f"[cep] seed {seed} {row}", flush=True)
-            results.append(run_row(row, out, seed,
-                                   tuple(float(w) for w in args.guidance.split(",")),
-                                   os.path.abspath(args.archive) if args.archive else ""))
+            result = run_row(row, out, seed, tuple(float(w) for w in args.guidance.split(",")),
+                             os.path.abspath(args.archive) if args.archive else "",
+                             args.finished_only)
+            if result:
+                results.append(result)
     text = table(results)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -206,6 +206,10 @@ def test_cep_benchmark_smoke(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     assert cep_mnist.main(["--out", str(elsewhere), "--smoke", "--archive", archive]) == text
     assert not (elsewhere / "seed0").exists()
+    # --finished_only tabulates what is finished and trains nothing: a seed not run is left out.
+    assert cep_mnist.main(["--out", str(elsewhere), "--smoke", "--archive", archive,
+                           "--seeds", "0,1", "--finished_only"]) == text
+    assert not (elsewhere / "seed1").exists()
 
 
 def test_labels_outside_the_model_classes_are_refused():
