@@ -93,6 +93,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Columns of the differences to the clean-label row, paired by seed.
+PAIRED = (("classifier_fd_class_mean", "per-class FD", 2),
+          ("sample_class_accuracy", "accuracy on samples", 3), ("classifier_fd", "FD", 2),
+          ("precision", "precision", 3), ("recall", "recall", 3))
+
+
+def paired_tables(results: list[dict]) -> str:
+    """For each guidance scale, every row's difference to the clean-label row of the same seed
+    (mean ± 95% interval over the seeds; "" without a clean row)."""
+    texts = []
+    for w in dict.fromkeys(w for r in results for w in r["by_guidance"]):
+        flat = [{"row": r["row"], "seed": r["seed"], **r["by_guidance"][w]}
+                for r in results if w in r["by_guidance"]]
+        paired = tables.paired_table(flat, "clean", PAIRED)
+        if paired:
+            texts.append(f"Guidance {w}:\n\n{paired}")
+    return "\n\n".join(texts)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -121,7 +140,8 @@ def main(argv: list[str] | None = None) -> str:
                              args.finished_only)
             if result:
                 results.append(result)
-    text = table(results)
+    paired = paired_tables(results)
+    text = table(results) + ("\n\n" + paired if paired else "")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:

@@ -43,3 +43,23 @@ def test_finished_rows_are_read_from_the_run_or_the_archive(tmp_path):
     assert tables.finished_row(done, kept) == {"fd": 1.0}
     tables.record_row({"fd": 2.0}, done, kept)
     assert tables.finished_row("", kept) == tables.finished_row(done) == {"fd": 2.0}
+
+
+def test_cep_paired_tables_pair_each_guidance_with_the_clean_row_of_its_seed():
+    import cep_mnist
+
+    def row(name, seed, fd1, fd2=None):
+        by = {"1": {"classifier_fd_class_mean": fd1}}
+        if fd2 is not None:
+            by["2"] = {"classifier_fd_class_mean": fd2}
+        return {"row": name, "seed": seed, "by_guidance": by}
+
+    results = [row("clean", 0, 10.0, 8.0), row("clean", 1, 12.0, 9.0),
+               row("flip5", 0, 11.0, 8.5), row("flip5", 1, 14.0)]  # seed 1 lacks guidance 2
+    text = cep_mnist.paired_tables(results)
+    blocks = text.split("Guidance ")
+    assert [b.splitlines()[0] for b in blocks[1:]] == ["1:", "2:"]
+    mean, half = tables.mean_ci([1.0, 2.0])
+    assert f"| flip5 | {mean:+.2f} ± {half:.2f} | – | – | – | – | 0,1 |" in blocks[1]
+    assert "| flip5 | +0.50 | – | – | – | – | 0 |" in blocks[2]
+    assert cep_mnist.paired_tables([row("flip5", 0, 11.0)]) == ""
