@@ -16,7 +16,12 @@ against the 5,000 clean originals; memorisation (against the row's clean trainin
 against all 5,000), precision/recall and density/coverage in the classifier's features; the
 low-quality share of the training batches. Several seeds: mean ± 95% interval.
 ``--seeds 0,1`` repeats the rows with other training seeds (the data and annotations stay the
-same). Every row resumes where it stopped. Writes OUT/results_VARIANT.json, OUT/table_VARIANT.md
+same). Every row resumes where it stopped; ``--archive DIR`` also keeps each row's result (a
+few kB) in DIR and reuses it on any machine, so a table is built across sessions, and
+``--finished_only`` tabulates the rows finished so far, training nothing:
+    python benchmarks/ambient_mnist.py --out runs/ambient_mnist --seeds 0,1,2 \
+        --archive benchmarks/results/ambient_mnist
+Writes OUT/results_VARIANT.json, OUT/table_VARIANT.md
 and OUT/samples_VARIANT.png.
 """
 
@@ -62,7 +67,11 @@ def row_workdir(out: str, variant: str, row: str, seed: int) -> str:
     return os.path.join(out, variant, row if seed == 0 else os.path.join(f"seed{seed}", row))
 
 
-def run_row(variant: str, row: str, out: str, total_images: int, seed: int = 0) -> dict:
+def run_row(variant: str, row: str, out: str, total_images: int, seed: int = 0,
+            archive: str = "", finished_only: bool = False) -> dict:
+    """Train and evaluate one row, or read it back when it is finished in ``out`` or kept in
+    ``archive`` (a folder committed beside RESULTS.md; every row finished here is copied there
+    at once). ``finished_only``: train nothing ({} for a row not finished)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient
     from sfbd_jax.utils import jsonfile
@@ -70,8 +79,10 @@ def run_row(variant: str, row: str, out: str, total_images: int, seed: int = 0) 
     config = row_config(variant, row, out, total_images, seed)
     workdir = row_workdir(out, variant, row, seed)
     done = os.path.join(workdir, "benchmark_row.json")
-    if os.path.exists(done):
-        return jsonfile.read_json(done, {})
+    kept = tables.archived_file(archive, seed, f"{variant}_{row}")
+    finished = tables.finished_row(done, kept)
+    if finished or finished_only:
+        return finished
     start = time.time()
     run.run(config, workdir)
     if row == "oracle":
@@ -83,8 +94,8 @@ def run_row(variant: str, row: str, out: str, total_images: int, seed: int = 0) 
                "low_quality_share": facts["low_quality_share"],
                "annotation_summary": facts.get("annotation_summary"),
                "train_images": config.train.total_images, "seconds": time.time() - start,
-               "workdir": workdir}
-    jsonfile.write_json(done, out_row)
+               "workdir": workdir, "machine": tables.machine()}
+    tables.record_row(out_row, done, kept)
     return out_row
 
 
@@ -114,6 +125,13 @@ def table(results: list[dict]) -> str:
 
 
 def plot_samples(results: list[dict], path: str) -> None:
+    """The final samples of each row side by side (rows whose run folder is not on this
+    machine — read from an archive — are left out; no figure when none is)."""
+    results = [r for r in results
+               if os.path.exists(os.path.join(r["workdir"], "samples", "final.png"))]
+    if not results:
+        logging.info("No sample figure: no row's samples are on this machine.")
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,6 +158,10 @@ def main(argv: list[str] | None = None) -> str:
                         help="training images per row (0 = the config's)")
     parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1 (same data)")
     parser.add_argument("--smoke", action="store_true", help="tiny (the test suite)")
+    parser.add_argument("--archive", default="", help="copy each finished row (a few kB) "
+                        "here and reuse it, e.g. benchmarks/results/ambient_mnist")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="tabulate the rows finished so far; train nothing")
     args = parser.parse_args(argv)
     variant = "smoke" if args.smoke else args.variant
     devices.configure_cpu_devices(0)
@@ -151,7 +173,11 @@ def main(argv: list[str] | None = None) -> str:
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in args.rows.split(","):
             print(f"[ambient] {variant} seed {seed} {row}", flush=True)
-            results.append(run_row(variant, row, out, args.total_images, seed))
+            result = run_row(variant, row, out, args.total_images, seed,
+                             os.path.abspath(args.archive) if args.archive else "",
+                             args.finished_only)
+            if result:
+                results.append(result)
     text = table(results)
     with open(os.path.join(out, f"results_{variant}.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -350,8 +350,9 @@ def test_ambient_benchmark_smoke(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import ambient_mnist
 
-    out = str(tmp_path / "bench")
-    text = ambient_mnist.main(["--out", out, "--smoke", "--rows", "ambient_classifier"])
+    out, archive = str(tmp_path / "bench"), str(tmp_path / "archive")
+    text = ambient_mnist.main(["--out", out, "--smoke", "--rows", "ambient_classifier",
+                               "--archive", archive])
     (result,) = json.load(open(os.path.join(out, "results_smoke.json")))
     assert result["row"] == "ambient_classifier"
     assert np.isfinite(result["classifier_fd"]) and np.isfinite(result["swd"])
@@ -367,6 +368,14 @@ def test_ambient_benchmark_smoke(tmp_path):
     assert record["method"] == "classifier" and record["classifier"]["steps"] == 40
     assert len(record["mean_probability"]) == len(record["grid"]) == 8
     assert os.listdir(os.path.join(out, "smoke", "ambient_classifier", "annotator"))
+    # The archived row rebuilds the table elsewhere, training nothing; rows not finished
+    # (another seed) are left out with --finished_only.
+    assert os.listdir(archive) == ["seed0_smoke_ambient_classifier.json"]
+    elsewhere = str(tmp_path / "elsewhere")
+    assert ambient_mnist.main(["--out", elsewhere, "--smoke", "--rows", "ambient_classifier",
+                               "--seeds", "0,1", "--archive", archive,
+                               "--finished_only"]) == text
+    assert not os.path.exists(os.path.join(elsewhere, "smoke"))
 
 
 def test_annotate_command_steps(image_folder, tmp_path):
