@@ -18,7 +18,9 @@ Memory is the process's peak RssAnon (anonymous memory: heap, arrays; file-backe
 the memory-mapped shards excluded), sampled every 50 ms. Disk: bytes per image of each group
 against float32 storage. Rows already in OUT/results.jsonl (or ARCHIVE/results.jsonl with
 ``--archive``) are skipped (resumable row by row);
-``--report`` prints the tables. The ``sfbd_round`` row also resumes *within* itself: its run
+``--report`` prints the tables. ``--backward_num_steps 2`` gives the round's backward pass one
+network evaluation per image instead of 3 (the same data path and denoising-batch memory, a
+third of the time: how a 1 M × 64² round fits a CPU session); its rows are kept apart. The ``sfbd_round`` row also resumes *within* itself: its run
 directory is kept, and a killed worker is continued by the next call (see ``worker``).
 """
 
@@ -41,6 +43,10 @@ flags.DEFINE_string("sizes", "10000,100000", "Data set sizes (images).")
 flags.DEFINE_integer("image_size", 32, "Image side (3 channels).")
 flags.DEFINE_string("kinds", "sfbd_round,ambient,speed", "What to measure.")
 flags.DEFINE_integer("repeats", 1, "Speed measurements per variant, interleaved.")
+flags.DEFINE_integer("backward_num_steps", 4, "Levels of the sfbd_round's backward grid from "
+                     "σ_ζ (4: 3 network evaluations per image; 2: one). Fewer cost less time "
+                     "per image at the same data path and batch memory: rows of each setting "
+                     "are kept apart.")
 flags.DEFINE_string("archive", "", "Keep the rows (results.jsonl, a few kB) here instead of in "
                     "OUT, e.g. benchmarks/results/data_scale: committed, the table is built "
                     "across machines while the data sets stay in OUT.")
@@ -163,7 +169,22 @@ class PeakAnon:
         return self.peak
 
 
-def worker(kind: str, data_dir: str, size: int) -> dict:
+def run_name(kind: str, data_dir: str, backward_num_steps: int) -> str:
+    """The name of a measurement's run directory and log (an sfbd_round with another backward
+    grid than the default 4 levels is another run)."""
+    steps = f"-steps{backward_num_steps}" if kind == "sfbd_round" and backward_num_steps != 4 \
+        else ""
+    return f"{kind}-{os.path.basename(data_dir)}{steps}"
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a row of results.jsonl (rows written before the backward grid was a
+    flag have the default 4 levels)."""
+    steps = row.get("backward_num_steps", 4) if row["kind"] == "sfbd_round" else None
+    return row["kind"], row["images"], row["image_size"], steps
+
+
+def worker(kind: str, data_dir: str, size: int, backward_num_steps: int = 4) -> dict:
     import jax
 
     from sfbd_jax import run as run_lib
@@ -171,7 +192,7 @@ def worker(kind: str, data_dir: str, size: int) -> dict:
     run_lib._setup()
     config = base_config(data_dir, size)
     workdir = os.path.join(os.path.dirname(os.path.dirname(data_dir)), "work",
-                           f"{kind}-{os.path.basename(data_dir)}")
+                           run_name(kind, data_dir, backward_num_steps))
     import shutil
 
     # One SFBD round at 1 M images outlasts a session on CPU: its run directory is kept and the
@@ -190,7 +211,9 @@ def worker(kind: str, data_dir: str, size: int) -> dict:
         config.mode = "sfbd"
         config.sfbd.pretrain_images = config.sfbd.images_per_round = 640
         config.sfbd.rounds = 1
-        config.sfbd.backward_num_steps = 4  # a short grid from σ_ζ: the data path is measured
+        # A short grid from σ_ζ: the data path is measured, not the denoising quality.
+        config.sfbd.backward_num_steps = backward_num_steps
+        out["backward_num_steps"] = backward_num_steps
         config.sfbd.denoise_batch_size = 1000
         config.sfbd.denoise_shard_size = 10_000
         config.sfbd.eval_every_round = False
@@ -318,7 +341,9 @@ def report(out: str) -> None:
     for r in rows:
         if r["kind"] in ("disk", "gather"):
             continue
-        print(f"| {r['images']:,} × {r['image_size']}² | {r['kind']} | "
+        kind = r["kind"] if row_key(r)[3] in (None, 4) else \
+            f"{r['kind']} (backward grid {r['backward_num_steps']})"
+        print(f"| {r['images']:,} × {r['image_size']}² | {kind} | "
               f"{r.get('peak_rss_anon_mib', float('nan')):.0f} | "
               f"{r.get('images_per_sec', float('nan')):.1f} | "
               f"{r.get('input_wait_fraction', float('nan')):.3f} | {r['seconds']:.0f} |")
@@ -365,7 +390,8 @@ def report(out: str) -> None:
 def main(argv):
     del argv
     if FLAGS.worker:
-        print("RESULT " + json.dumps(worker(FLAGS.worker, FLAGS.data, FLAGS.image_size)))
+        print("RESULT " + json.dumps(worker(FLAGS.worker, FLAGS.data, FLAGS.image_size,
+                                            FLAGS.backward_num_steps)))
         return
     out = os.path.abspath(FLAGS.out)
     if FLAGS.report:
@@ -375,7 +401,7 @@ def main(argv):
     if FLAGS.archive:
         os.makedirs(FLAGS.archive, exist_ok=True)
     results = os.path.join(FLAGS.archive or out, "results.jsonl")
-    done = {(r["kind"], r["images"], r["image_size"]) for r in _rows(results)}
+    done = {row_key(r) for r in _rows(results)}
     for num in (int(s) for s in FLAGS.sizes.split(",")):
         data_dir = os.path.join(out, "data", f"synthetic{num}_{FLAGS.image_size}")
         t0 = time.perf_counter()
@@ -388,7 +414,8 @@ def main(argv):
             kinds = [k for k in kinds if k != "gather"] + ["gather"] + [
                 v if r == 0 else f"{v}#{r}" for r in range(FLAGS.repeats) for v in variants]
         for kind in kinds:
-            if (kind, num, FLAGS.image_size) in done:
+            steps = FLAGS.backward_num_steps if kind == "sfbd_round" else None
+            if (kind, num, FLAGS.image_size, steps) in done:
                 continue
             row = {"kind": kind, "images": num, "image_size": FLAGS.image_size,
                    "machine": tables.machine() + " at the start"}
@@ -397,8 +424,10 @@ def main(argv):
                            seconds=time.perf_counter() - t0)
             else:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--data",
-                       data_dir, "--image_size", str(FLAGS.image_size)]
-                log_path = os.path.join(out, "work", f"{kind}-{os.path.basename(data_dir)}.log")
+                       data_dir, "--image_size", str(FLAGS.image_size),
+                       "--backward_num_steps", str(FLAGS.backward_num_steps)]
+                log_path = os.path.join(out, "work", run_name(
+                    kind, data_dir, FLAGS.backward_num_steps) + ".log")
                 os.makedirs(os.path.dirname(log_path), exist_ok=True)
                 with open(log_path, "a") as log:  # a resumed row keeps each piece's log
                     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
