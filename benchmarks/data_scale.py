@@ -20,8 +20,9 @@ against float32 storage. Rows already in OUT/results.jsonl (or ARCHIVE/results.j
 ``--archive``) are skipped (resumable row by row);
 ``--report`` prints the tables. ``--backward_num_steps 2`` gives the round's backward pass one
 network evaluation per image instead of 3 (the same data path and denoising-batch memory, a
-third of the time: how a 1 M × 64² round fits a CPU session); its rows are kept apart. The ``sfbd_round`` row also resumes *within* itself: its run
-directory is kept, and a killed worker is continued by the next call (see ``worker``).
+third of the time: how a 1 M × 64² round fits a CPU session); its rows are kept apart. The
+``sfbd_round`` row also resumes *within* itself: its run directory is kept, and a killed worker
+is continued by the next call (see ``worker``).
 """
 
 from __future__ import annotations
