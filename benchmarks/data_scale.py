@@ -18,9 +18,10 @@ Memory is the process's peak RssAnon (anonymous memory: heap, arrays; file-backe
 the memory-mapped shards excluded), sampled every 50 ms. Disk: bytes per image of each group
 against float32 storage. Rows already in OUT/results.jsonl (or ARCHIVE/results.jsonl with
 ``--archive``) are skipped (resumable row by row);
-``--report`` prints the tables. ``--backward_num_steps 2`` gives the round's backward pass one
-network evaluation per image instead of 3 (the same data path and denoising-batch memory, a
-third of the time: how a 1 M × 64² round fits a CPU session); its rows are kept apart. The
+``--report`` prints the tables. ``--backward_evaluations 1`` gives the round's backward pass one
+network evaluation per image instead of 3 (the grid [σ_ζ, 0]: one Euler step, i.e. the
+denoiser's estimate D(y; σ_ζ); the same data path and denoising-batch memory in a third of the
+time: how a 1 M × 64² round fits a CPU session); its rows are kept apart. The
 ``sfbd_round`` row also resumes *within* itself: its run directory is kept, and a killed worker
 is continued by the next call (see ``worker``).
 """
@@ -44,10 +45,11 @@ flags.DEFINE_string("sizes", "10000,100000", "Data set sizes (images).")
 flags.DEFINE_integer("image_size", 32, "Image side (3 channels).")
 flags.DEFINE_string("kinds", "sfbd_round,ambient,speed", "What to measure.")
 flags.DEFINE_integer("repeats", 1, "Speed measurements per variant, interleaved.")
-flags.DEFINE_integer("backward_num_steps", 4, "Levels of the sfbd_round's backward grid from "
-                     "σ_ζ (4: 3 network evaluations per image; 2: one). Fewer cost less time "
-                     "per image at the same data path and batch memory: rows of each setting "
-                     "are kept apart.")
+flags.DEFINE_enum("backward_evaluations", "3", ["3", "1"], "Network evaluations per image in "
+                  "the sfbd_round's backward pass: 3 (the default grid σ_ζ → σ_min → 0, Heun "
+                  "then Euler) or 1 (σ_ζ → 0, one Euler step). One costs a third of the time "
+                  "at the same data path and batch memory; rows of each setting are kept "
+                  "apart.")
 flags.DEFINE_string("archive", "", "Keep the rows (results.jsonl, a few kB) here instead of in "
                     "OUT, e.g. benchmarks/results/data_scale: committed, the table is built "
                     "across machines while the data sets stay in OUT.")
@@ -170,22 +172,22 @@ class PeakAnon:
         return self.peak
 
 
-def run_name(kind: str, data_dir: str, backward_num_steps: int) -> str:
+def run_name(kind: str, data_dir: str, backward_evaluations: int) -> str:
     """The name of a measurement's run directory and log (an sfbd_round with another backward
-    grid than the default 4 levels is another run)."""
-    steps = f"-steps{backward_num_steps}" if kind == "sfbd_round" and backward_num_steps != 4 \
+    cost than the default 3 evaluations per image is another run)."""
+    cost = f"-eval{backward_evaluations}" if kind == "sfbd_round" and backward_evaluations != 3 \
         else ""
-    return f"{kind}-{os.path.basename(data_dir)}{steps}"
+    return f"{kind}-{os.path.basename(data_dir)}{cost}"
 
 
 def row_key(row: dict) -> tuple:
-    """What identifies a row of results.jsonl (rows written before the backward grid was a
-    flag have the default 4 levels)."""
-    steps = row.get("backward_num_steps", 4) if row["kind"] == "sfbd_round" else None
-    return row["kind"], row["images"], row["image_size"], steps
+    """What identifies a row of results.jsonl (rows written before the backward cost was a
+    flag have the default 3 evaluations per image)."""
+    cost = row.get("backward_evaluations", 3) if row["kind"] == "sfbd_round" else None
+    return row["kind"], row["images"], row["image_size"], cost
 
 
-def worker(kind: str, data_dir: str, size: int, backward_num_steps: int = 4) -> dict:
+def worker(kind: str, data_dir: str, size: int, backward_evaluations: int = 3) -> dict:
     import jax
 
     from sfbd_jax import run as run_lib
@@ -193,7 +195,7 @@ def worker(kind: str, data_dir: str, size: int, backward_num_steps: int = 4) -> 
     run_lib._setup()
     config = base_config(data_dir, size)
     workdir = os.path.join(os.path.dirname(os.path.dirname(data_dir)), "work",
-                           run_name(kind, data_dir, backward_num_steps))
+                           run_name(kind, data_dir, backward_evaluations))
     import shutil
 
     # One SFBD round at 1 M images outlasts a session on CPU: its run directory is kept and the
@@ -212,9 +214,19 @@ def worker(kind: str, data_dir: str, size: int, backward_num_steps: int = 4) -> 
         config.mode = "sfbd"
         config.sfbd.pretrain_images = config.sfbd.images_per_round = 640
         config.sfbd.rounds = 1
-        # A short grid from σ_ζ: the data path is measured, not the denoising quality.
-        config.sfbd.backward_num_steps = backward_num_steps
-        out["backward_num_steps"] = backward_num_steps
+        # A short grid from σ_ζ: the data path is measured, not the denoising quality. The
+        # default 4-level Karras grid keeps only σ_min below σ_ζ ([σ_ζ, σ_min, 0]: 3
+        # evaluations); σ_min above σ_ζ leaves [σ_ζ, 0], one Euler step (1 evaluation).
+        from sfbd_jax.methods import backward
+
+        config.sfbd.backward_num_steps = 4
+        if backward_evaluations == 1:
+            config.sampler.sigma_min = 2 * SIGMA
+        cost = backward.cost_per_image(config, SIGMA)[0]
+        if cost != backward_evaluations:
+            raise ValueError(f"the backward grid {backward.backward_grid(config, SIGMA)} costs "
+                             f"{cost} evaluations per image, not {backward_evaluations}")
+        out["backward_evaluations"] = cost
         config.sfbd.denoise_batch_size = 1000
         config.sfbd.denoise_shard_size = 10_000
         config.sfbd.eval_every_round = False
@@ -342,8 +354,8 @@ def report(out: str) -> None:
     for r in rows:
         if r["kind"] in ("disk", "gather"):
             continue
-        kind = r["kind"] if row_key(r)[3] in (None, 4) else \
-            f"{r['kind']} (backward grid {r['backward_num_steps']})"
+        kind = r["kind"] if row_key(r)[3] in (None, 3) else \
+            f"{r['kind']} ({r['backward_evaluations']} evaluation/image)"
         print(f"| {r['images']:,} × {r['image_size']}² | {kind} | "
               f"{r.get('peak_rss_anon_mib', float('nan')):.0f} | "
               f"{r.get('images_per_sec', float('nan')):.1f} | "
@@ -392,7 +404,7 @@ def main(argv):
     del argv
     if FLAGS.worker:
         print("RESULT " + json.dumps(worker(FLAGS.worker, FLAGS.data, FLAGS.image_size,
-                                            FLAGS.backward_num_steps)))
+                                            int(FLAGS.backward_evaluations))))
         return
     out = os.path.abspath(FLAGS.out)
     if FLAGS.report:
@@ -415,8 +427,8 @@ def main(argv):
             kinds = [k for k in kinds if k != "gather"] + ["gather"] + [
                 v if r == 0 else f"{v}#{r}" for r in range(FLAGS.repeats) for v in variants]
         for kind in kinds:
-            steps = FLAGS.backward_num_steps if kind == "sfbd_round" else None
-            if (kind, num, FLAGS.image_size, steps) in done:
+            cost = int(FLAGS.backward_evaluations) if kind == "sfbd_round" else None
+            if (kind, num, FLAGS.image_size, cost) in done:
                 continue
             row = {"kind": kind, "images": num, "image_size": FLAGS.image_size,
                    "machine": tables.machine() + " at the start"}
@@ -426,9 +438,9 @@ def main(argv):
             else:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--data",
                        data_dir, "--image_size", str(FLAGS.image_size),
-                       "--backward_num_steps", str(FLAGS.backward_num_steps)]
+                       "--backward_evaluations", FLAGS.backward_evaluations]
                 log_path = os.path.join(out, "work", run_name(
-                    kind, data_dir, FLAGS.backward_num_steps) + ".log")
+                    kind, data_dir, int(FLAGS.backward_evaluations)) + ".log")
                 os.makedirs(os.path.dirname(log_path), exist_ok=True)
                 with open(log_path, "a") as log:  # a resumed row keeps each piece's log
                     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
