@@ -60,6 +60,7 @@ FLAGS = flags.FLAGS
 
 CLEAN_FRACTION = 0.1
 SIGMA = 0.2
+DEFAULT_EVALUATIONS = 3  # the backward cost of the default grid [σ_ζ, σ_min, 0]
 
 
 def synthetic_chunks(num: int, size: int, chunk: int, seed: int = 0):
@@ -175,19 +176,21 @@ class PeakAnon:
 def run_name(kind: str, data_dir: str, backward_evaluations: int) -> str:
     """The name of a measurement's run directory and log (an sfbd_round with another backward
     cost than the default 3 evaluations per image is another run)."""
-    cost = f"-eval{backward_evaluations}" if kind == "sfbd_round" and backward_evaluations != 3 \
-        else ""
+    other = kind == "sfbd_round" and backward_evaluations != DEFAULT_EVALUATIONS
+    cost = f"-eval{backward_evaluations}" if other else ""
     return f"{kind}-{os.path.basename(data_dir)}{cost}"
 
 
 def row_key(row: dict) -> tuple:
     """What identifies a row of results.jsonl (rows written before the backward cost was a
     flag have the default 3 evaluations per image)."""
-    cost = row.get("backward_evaluations", 3) if row["kind"] == "sfbd_round" else None
+    cost = (row.get("backward_evaluations", DEFAULT_EVALUATIONS) if row["kind"] == "sfbd_round"
+            else None)
     return row["kind"], row["images"], row["image_size"], cost
 
 
-def worker(kind: str, data_dir: str, size: int, backward_evaluations: int = 3) -> dict:
+def worker(kind: str, data_dir: str, size: int,
+           backward_evaluations: int = DEFAULT_EVALUATIONS) -> dict:
     import jax
 
     from sfbd_jax import run as run_lib
@@ -354,7 +357,7 @@ def report(out: str) -> None:
     for r in rows:
         if r["kind"] in ("disk", "gather"):
             continue
-        kind = r["kind"] if row_key(r)[3] in (None, 3) else \
+        kind = r["kind"] if row_key(r)[3] in (None, DEFAULT_EVALUATIONS) else \
             f"{r['kind']} ({r['backward_evaluations']} evaluation/image)"
         print(f"| {r['images']:,} × {r['image_size']}² | {kind} | "
               f"{r.get('peak_rss_anon_mib', float('nan')):.0f} | "
@@ -402,9 +405,10 @@ def report(out: str) -> None:
 
 def main(argv):
     del argv
+    evaluations = int(FLAGS.backward_evaluations)
     if FLAGS.worker:
         print("RESULT " + json.dumps(worker(FLAGS.worker, FLAGS.data, FLAGS.image_size,
-                                            int(FLAGS.backward_evaluations))))
+                                            evaluations)))
         return
     out = os.path.abspath(FLAGS.out)
     if FLAGS.report:
@@ -427,7 +431,7 @@ def main(argv):
             kinds = [k for k in kinds if k != "gather"] + ["gather"] + [
                 v if r == 0 else f"{v}#{r}" for r in range(FLAGS.repeats) for v in variants]
         for kind in kinds:
-            cost = int(FLAGS.backward_evaluations) if kind == "sfbd_round" else None
+            cost = evaluations if kind == "sfbd_round" else None
             if (kind, num, FLAGS.image_size, cost) in done:
                 continue
             row = {"kind": kind, "images": num, "image_size": FLAGS.image_size,
@@ -440,7 +444,7 @@ def main(argv):
                        data_dir, "--image_size", str(FLAGS.image_size),
                        "--backward_evaluations", FLAGS.backward_evaluations]
                 log_path = os.path.join(out, "work", run_name(
-                    kind, data_dir, int(FLAGS.backward_evaluations)) + ".log")
+                    kind, data_dir, evaluations) + ".log")
                 os.makedirs(os.path.dirname(log_path), exist_ok=True)
                 with open(log_path, "a") as log:  # a resumed row keeps each piece's log
                     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
