@@ -344,12 +344,6 @@ def _rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _t95(n: int) -> float:
-    """Two-sided 95% Student t quantile for n samples (n − 1 degrees of freedom)."""
-    table = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365}
-    return table.get(n, 1.96)
-
-
 def report(out: str) -> None:
     rows = _rows(os.path.join(FLAGS.archive or out, "results.jsonl"))
     print("| set | kind | peak RssAnon (MiB) | images/s | input wait | seconds |")
@@ -374,7 +368,7 @@ def report(out: str) -> None:
     print("|---|---|---|---|---|")
     for (num, size, kind), values in sorted(speeds.items()):
         rate = np.array([v[0] for v in values])
-        half = _t95(len(rate)) * rate.std(ddof=1) / np.sqrt(len(rate)) if len(rate) > 1 else 0
+        half = tables.mean_ci(rate)[1] if len(rate) > 1 else 0
         print(f"| {num:,} × {size}² | {kind[len('speed-'):]} | {len(rate)} | "
               f"{rate.mean():.1f} ± {half:.1f} | "
               f"{np.mean([v[1] for v in values]):.4f} |")
@@ -388,7 +382,7 @@ def report(out: str) -> None:
         ratios = np.array([v[variant]["images_per_sec"] / v["speed-memory"]["images_per_sec"]
                            for v in by_repeat.values() if variant in v and "speed-memory" in v])
         if len(ratios) > 1:
-            half = _t95(len(ratios)) * ratios.std(ddof=1) / np.sqrt(len(ratios))
+            half = tables.mean_ci(ratios)[1]
             print(f"{variant[len('speed-'):]} / in memory, paired over {len(ratios)} repeats: "
                   f"{ratios.mean():.3f} ± {half:.3f} ({', '.join(f'{x:.3f}' for x in ratios)})")
     for r in rows:
@@ -428,8 +422,11 @@ def main(argv):
             variants = ["speed-streamed", "speed-streamed_noprefetch"]
             if num <= 10_000:
                 variants.append("speed-memory")
+            # Odd repeats run the variants in reverse order, so a machine that drifts
+            # during a repeat does not always favour the same variant.
             kinds = [k for k in kinds if k != "gather"] + ["gather"] + [
-                v if r == 0 else f"{v}#{r}" for r in range(FLAGS.repeats) for v in variants]
+                v if r == 0 else f"{v}#{r}" for r in range(FLAGS.repeats)
+                for v in (variants if r % 2 == 0 else variants[::-1])]
         for kind in kinds:
             cost = evaluations if kind == "sfbd_round" else None
             if (kind, num, FLAGS.image_size, cost) in done:
