@@ -368,9 +368,10 @@ def report(out: str) -> None:
     print("|---|---|---|---|---|")
     for (num, size, kind), values in sorted(speeds.items()):
         rate = np.array([v[0] for v in values])
-        half = tables.mean_ci(rate)[1] if len(rate) > 1 else 0
+        # One run has no interval: say so rather than print "± 0".
+        spread = f" ± {tables.mean_ci(rate)[1]:.1f}" if len(rate) > 1 else " (no interval)"
         print(f"| {num:,} × {size}² | {kind[len('speed-'):]} | {len(rate)} | "
-              f"{rate.mean():.1f} ± {half:.1f} | "
+              f"{rate.mean():.1f}{spread} | "
               f"{np.mean([v[1] for v in values]):.4f} |")
     # Paired by repeat (the variants of a repeat ran back to back): streamed / in memory.
     by_repeat: dict = {}

@@ -51,6 +51,12 @@ def test_data_scale_records_memory_rows_and_resumes(tmp_path):
     _run(*common, "--kinds", "sfbd_round")
     rows = _rows(os.path.join(archive, "results.jsonl"))
     assert len(rows) == 4 and rows[-1]["backward_evaluations"] == 3
+    # A speed variant measured once is reported without an interval (not as "± 0").
+    with open(os.path.join(archive, "results.jsonl"), "a") as f:
+        f.write(json.dumps({"kind": "speed-memory", "images": 200, "image_size": 16,
+                            "images_per_sec": 50.0, "input_wait_fraction": 0.01,
+                            "seconds": 1.0}) + "\n")
     report = _run("--out", out, "--archive", archive, "--report")
+    assert "| 200 × 16² | memory | 1 | 50.0 (no interval) |" in report
     assert "| 200 × 16² | sfbd_round (1 evaluation/image) |" in report
     assert "| 200 × 16² | sfbd_round |" in report and "| 200 × 16² | ambient |" in report

@@ -89,13 +89,15 @@ def test_crops_are_exact_slices_at_the_borders():
     tops, lefts, sizes = np.array([0, 5, 0, 2]), np.array([0, 5, 6, 0]), np.array([3, 3, 2, 8 - 2])
     sizes[3] = 6
     crops = locality.extract_crops(images, tops, lefts, sizes, canvas=8)
-    assert crops.shape == (4, 8, 8, 3)
+    assert crops.shape == (4, 8, 8, 3 + 1)  # the pixels and the crop's mask
     for b in range(4):
         t, lf, s = tops[b], lefts[b], sizes[b]
-        np.testing.assert_array_equal(crops[b, :s, :s], images[b, t:t + s, lf:lf + s])
+        np.testing.assert_array_equal(crops[b, :s, :s, :3], images[b, t:t + s, lf:lf + s])
+        assert (crops[b, :s, :s, 3] == 1).all()
         assert (crops[b, s:] == 0).all() and (crops[b, :, s:] == 0).all()
     whole = locality.extract_crops(images, np.zeros(4), np.zeros(4), np.full(4, 8), 8)
-    np.testing.assert_array_equal(whole, images)
+    np.testing.assert_array_equal(whole[..., :3], images)
+    assert (whole[..., 3] == 1).all()
     with pytest.raises(ValueError, match="outside"):
         locality.extract_crops(images, np.array([6, 0, 0, 0]), np.zeros(4), np.full(4, 3), 8)
     with pytest.raises(ValueError, match="crop sizes"):

@@ -10,7 +10,10 @@ classifier, at the crop size the denoiser sees at each σ.
 3. *Crop classifier*: the project's encoder (``unet.NoiseClassifier``) told crops of clean
    images (label 0) from crops of the low-quality / out-of-distribution pool (label 1); one
    network for every crop size, conditioned on it (the noise-label input carries ln(c)/4).
-   A c×c crop sits in the top-left corner of a zero canvas of the image's size. Crops are
+   A c×c crop sits in the top-left corner of a zero canvas of the image's size, with one more
+   channel marking the crop's pixels (1) against the canvas (0): without it a crop pixel of 0
+   looks like canvas, and the encoder's group norms, whose statistics a small crop alone sets
+   on a blank canvas, keep little more than the sign of a 1-pixel crop's value. Crops are
    noise-free: noise only makes the pools harder to tell apart, so σ_max is conservative.
 4. *σ_max*: for each pool image, P(out-of-distribution) at crop size c(σ_j) for every grid
    level, the mean over ``num_crops`` crops at positions drawn from (seed, image index, size),
@@ -39,9 +42,10 @@ from sfbd_jax.utils import devices
 
 def extract_crops(images: np.ndarray, tops: np.ndarray, lefts: np.ndarray, sizes: np.ndarray,
                   canvas: int) -> np.ndarray:
-    """(B, canvas, canvas, C): crop b = images[b, tops[b]:tops[b]+sizes[b],
-    lefts[b]:lefts[b]+sizes[b]] in the top-left corner, zeros elsewhere. Every crop must lie
-    inside its image (ValueError otherwise)."""
+    """(B, canvas, canvas, C + 1): crop b = images[b, tops[b]:tops[b]+sizes[b],
+    lefts[b]:lefts[b]+sizes[b]] in the top-left corner of channels 0..C-1, zeros elsewhere;
+    channel C is 1 on the crop's pixels and 0 on the canvas. Every crop must lie inside its
+    image (ValueError otherwise)."""
     images = np.asarray(images)
     b, h, w, _ = images.shape
     tops, lefts, sizes = (np.asarray(a, np.int64) for a in (tops, lefts, sizes))
@@ -55,8 +59,14 @@ def extract_crops(images: np.ndarray, tops: np.ndarray, lefts: np.ndarray, sizes
     cols = np.minimum(lefts[:, None] + offsets, w - 1)
     inside = offsets[None, :] < sizes[:, None]  # (B, canvas)
     out = images[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    mask = inside[:, :, None] & inside[:, None, :]
-    return np.where(mask[..., None], out, 0).astype(np.float32)
+    mask = (inside[:, :, None] & inside[:, None, :])[..., None]  # (B, canvas, canvas, 1)
+    return np.concatenate([np.where(mask, out, 0), mask], axis=-1).astype(np.float32)
+
+
+def canvas_shape(config) -> tuple[int, int, int, int]:
+    """(1, H, W, C + 1): one crop canvas as the crop classifier sees it (``extract_crops``)."""
+    side = config.data.image_size
+    return 1, side, side, config.data.channels + 1
 
 
 def crop_positions(rng: np.random.Generator, sizes: np.ndarray, height: int, width: int
@@ -89,7 +99,7 @@ def classifier_fingerprint(config, crop_sizes: list[int], data_settings: dict, c
     record = {"crop_classifier": config.ambient.crop_classifier.to_dict(),
               "crop_sizes": list(map(int, crop_sizes)), "data": data_settings,
               "counts": counts, "image_shape": [config.data.image_size, config.data.channels],
-              "shards": data_digest}
+              "shards": data_digest, "canvas": "top-left, zeros, mask channel"}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()
                           ).hexdigest()[:16]
 
@@ -110,7 +120,7 @@ def train_classifier(config, clean, pool, crop_sizes: list[int], mesh, writer=No
     model = build_classifier(cfg, side)
     key = jax.random.PRNGKey(cfg.seed)
     params = model.init({"params": jax.random.fold_in(key, 0)},
-                        jnp.zeros((1, side, side, config.data.channels)), jnp.zeros((1,)))
+                        jnp.zeros(canvas_shape(config)), jnp.zeros((1,)))
     half = cfg.batch_size // 2
 
     def batch(i):
@@ -136,9 +146,9 @@ def train_classifier(config, clean, pool, crop_sizes: list[int], mesh, writer=No
 
 def init_template(config) -> dict:
     model = build_classifier(config.ambient.crop_classifier, config.data.image_size)
-    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
     return jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
-                                             jnp.zeros(shape), jnp.zeros((1,)))["params"])
+                                             jnp.zeros(canvas_shape(config)),
+                                             jnp.zeros((1,)))["params"])
 
 
 def crop_probabilities(config, params: dict, images, indices: np.ndarray,
