@@ -22,7 +22,8 @@ Compute, stated per row in forward-pass equivalents (FPE): 3 per training image 
 backward pass), 1 per denoiser evaluation of a backward/E-step/refresh pass, 2 more per
 evaluation that is differentiated (DPS). ``--equal_compute`` trains the rows without a
 denoising pass (oracle, clean_only, noisy, tweediediff) for SFBD's whole compute (its FPE / 3
-images) instead of SFBD's training images only (use a new --out).
+images) instead of SFBD's training images only (use a new --out); SFBD's compute grows with
+σ_ζ (more backward levels), so the oracle and clean-only rows then run once per σ_ζ.
 Columns: classifier-feature Fréchet distance and sliced Wasserstein distance of generated
 samples against the 5,000 clean originals, memorisation (against the row's clean training images
 and all 5,000), precision/recall and density/coverage in the classifier's features, PSNR of
@@ -60,6 +61,13 @@ from sfbd_jax.utils import devices  # noqa: E402
 ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "online_sfbd", "tweediediff",
              "emdiffusion")
 TRAINING_ONLY = ("oracle", "clean_only", "noisy", "tweediediff")  # rows without denoising
+SIGMA_FREE = ("oracle", "clean_only")  # rows that never see the noisy set
+
+
+def shared_row(row: str, equal_compute: bool = False) -> bool:
+    """Whether ``row`` is one run for every σ_ζ: the rows that never see the noisy set, unless
+    they train for SFBD's whole compute, which grows with σ_ζ (more backward levels)."""
+    return row in SIGMA_FREE and not equal_compute
 FPE_PER_TRAINING_IMAGE, FPE_PER_GRADIENT = 3, 2
 
 
@@ -101,7 +109,8 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
         c.mode = "edm"
     elif row == "clean_only":
         c.mode, c.sfbd.rounds, c.sfbd.pretrain_images = "sfbd", 0, budget
-        c.corrupt.output_dir = os.path.join(out, f"seed{seed}", "clean_only", "data")
+        if shared_row(row, equal_compute):
+            c.corrupt.output_dir = os.path.join(out, f"seed{seed}", "clean_only", "data")
     elif row == "noisy":  # the corrupted images clipped to [-1, 1] + the 50 clean
         c.mode, c.data.use_prepared, c.data.prepared_group = "edm", True, "noisy"
     elif row == "online_sfbd":
@@ -125,8 +134,9 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
     return c
 
 
-def row_workdir(out: str, seed: int, variant: str, row: str) -> str:
-    shared = row in ("oracle", "clean_only")  # independent of σ_ζ
+def row_workdir(out: str, seed: int, variant: str, row: str,
+                equal_compute: bool = False) -> str:
+    shared = shared_row(row, equal_compute)
     return os.path.join(out, f"seed{seed}", row if shared else os.path.join(variant, row))
 
 
@@ -141,11 +151,12 @@ def check_protocol(rows: list[dict], config, path: str) -> list[dict]:
     return rows
 
 
-def row_record(folder: str, seed: int, variant: str, row: str) -> str:
+def row_record(folder: str, seed: int, variant: str, row: str,
+               equal_compute: bool = False) -> str:
     """The result file of a row in ``folder`` (a run folder or an archive: the same layout);
     "" when no folder is named."""
-    return os.path.join(row_workdir(folder, seed, variant, row), "reproduce_row.json") \
-        if folder else ""
+    return os.path.join(row_workdir(folder, seed, variant, row, equal_compute),
+                        "reproduce_row.json") if folder else ""
 
 
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
@@ -160,9 +171,9 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
     from sfbd_jax.utils import jsonfile
 
     config = row_config(variant, seed, row, out, budget_scale, compute_dtype, equal_compute)
-    workdir = row_workdir(out, seed, variant, row)
-    done_path = row_record(out, seed, variant, row)
-    kept = row_record(archive, seed, variant, row)
+    workdir = row_workdir(out, seed, variant, row, equal_compute)
+    done_path = row_record(out, seed, variant, row, equal_compute)
+    kept = row_record(archive, seed, variant, row, equal_compute)
     finished = tables.finished_row(done_path, kept)
     if finished:
         return check_protocol(finished, config, done_path if os.path.exists(done_path)
@@ -200,7 +211,7 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
                 for r in sorted(summary, key=lambda r: r["round"])]
     seconds = time.time() - start
     for r in rows:
-        r.update(row=row, seed=seed, sigma=None if row in ("oracle", "clean_only")
+        r.update(row=row, seed=seed, sigma=None if shared_row(row, equal_compute)
                  else config.corrupt.sigma, variant=variant, seconds=seconds,
                  train_images=config.train.total_images, workdir=workdir,
                  compute_dtype=compute_dtype)
@@ -242,14 +253,15 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
     results, seen = [], set()
     for seed, variant in plan:
         for row in (r for r in ROW_ORDER if r in rows):
-            key = (seed, row) if row in ("oracle", "clean_only") else (seed, variant, row)
+            key = ((seed, row) if shared_row(row, equal_compute) else (seed, variant, row))
             if key in seen:
                 continue
             seen.add(key)
             if finished_only:
-                done = row_record(out, seed, variant, row)
+                done = row_record(out, seed, variant, row, equal_compute)
                 results.extend(check_protocol(
-                    tables.finished_row(done, row_record(archive, seed, variant, row)) or [],
+                    tables.finished_row(done, row_record(archive, seed, variant, row,
+                                                         equal_compute)) or [],
                     row_config(variant, seed, row, out, budget_scale, compute_dtype,
                                equal_compute), done))
                 continue
@@ -278,10 +290,13 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {sigma_label} | {label} | " + " | ".join(tables.cells(group, COLUMNS))
                      + f" | {','.join(str(g['seed']) for g in group)} |")
 
-    for name, label in (("oracle", "(1) EDM on all clean (oracle)"),
-                        ("clean_only", "(2) EDM on the 50 clean only")):
-        add("–", label, [r for r in results if r["row"] == name])
+    sigma_free = (("oracle", "(1) EDM on all clean (oracle)"),
+                  ("clean_only", "(2) EDM on the 50 clean only"))
+    for name, label in sigma_free:  # one run for every σ_ζ
+        add("–", label, [r for r in results if r["row"] == name and r["sigma"] is None])
     for sigma in sigmas:
+        for name, label in sigma_free:  # at equal compute: SFBD's compute at this σ_ζ
+            add(sigma, label, [r for r in results if r["row"] == name and r["sigma"] == sigma])
         add(sigma, "(3) EDM on the noisy set",
             [r for r in results if r["row"] == "noisy" and r["sigma"] == sigma])
         sf = [r for r in results if r["row"] == "sfbd" and r["sigma"] == sigma]
@@ -352,10 +367,10 @@ FINAL_LABELS = {"oracle": "(1) oracle", "clean_only": "(2) 50 clean only",
 
 def final_rows(results: list[dict], row: str, sigma) -> dict:
     """{seed: the row's result at the end of its budget} (the last round of an iterative row);
-    rows independent of σ_ζ (oracle, clean-only) for any ``sigma``."""
+    rows run once for every σ_ζ (their ``sigma`` is None) for any ``sigma``."""
     out = {}
     for r in results:
-        if r["row"] == row and (r["sigma"] == sigma or row in ("oracle", "clean_only")):
+        if r["row"] == row and r["sigma"] in (sigma, None):
             if r["seed"] not in out or (r["round"] or 0) > (out[r["seed"]]["round"] or 0):
                 out[r["seed"]] = r
     return out
@@ -418,7 +433,7 @@ def plot_metrics(results: list[dict], path: str) -> None:
                 for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-."),
                                    ("tweediediff", "m-")):
                     vals = [r[key] for r in results if r["row"] == row and key in r
-                            and (row not in ("noisy", "tweediediff") or r["sigma"] == sigma)]
+                            and r["sigma"] in (sigma, None)]
                     if vals:
                         ax.axhline(np.mean(vals), color=style[0], linestyle=style[1:],
                                    label={"oracle": "oracle (all clean)",

@@ -128,6 +128,24 @@ def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
     em = reproduce_mnist.row_config("sigma0.2", 0, "emdiffusion", "/tmp/x", equal_compute=True)
     assert em.train.total_images == 13_440
     assert (em.sfbd.rounds, em.sfbd.dps_num_steps, em.sfbd.backward) == (1, 9, "dps")
+    # SFBD's compute grows with σ_ζ, so at equal compute the rows that never see the noisy set
+    # are one run per σ_ζ (its own folder), tabulated under that σ_ζ, not once for all.
+    high = reproduce_mnist.row_config("sigma0.59", 0, "oracle", "/tmp/x", equal_compute=True)
+    assert high.train.total_images > oracle.train.total_images
+    workdirs = {reproduce_mnist.row_workdir("/tmp/x", 0, v, row, equal_compute)
+                for v in ("sigma0.2", "sigma0.59") for row in ("oracle", "clean_only")
+                for equal_compute in (False, True)}
+    assert workdirs == {"/tmp/x/seed0/oracle", "/tmp/x/seed0/clean_only",
+                        "/tmp/x/seed0/sigma0.2/oracle", "/tmp/x/seed0/sigma0.59/oracle",
+                        "/tmp/x/seed0/sigma0.2/clean_only", "/tmp/x/seed0/sigma0.59/clean_only"}
+    row = {"classifier_fd": 1.0, "swd": 0.1, "round": None, "seed": 0, "compute_kfpe": 1.0}
+    text = reproduce_mnist.table([{**row, "row": "oracle", "sigma": 0.2},
+                                  {**row, "row": "oracle", "sigma": 0.59, "classifier_fd": 2.0},
+                                  {**row, "row": "noisy", "sigma": 0.59}])
+    assert [line.split(" | ")[:3] for line in text.splitlines()[2:]] == [
+        ["| 0.2", "(1) EDM on all clean (oracle)", "1.00"],
+        ["| 0.59", "(1) EDM on all clean (oracle)", "2.00"],
+        ["| 0.59", "(3) EDM on the noisy set", "1.00"]]
 
 
 @pytest.mark.slow
