@@ -38,7 +38,9 @@ across sessions). ``--archive DIR`` keeps every row's result (its ``reproduce_ro
 few kB; no checkpoints or images) in DIR, in the same layout, as soon as the row finishes, and
 reads there the rows --out lacks, so the table is rebuilt from a committed folder on a machine
 that no longer has the runs: ``--out NEW --archive DIR --finished_only`` (the figures that need
-a run's files are then left out).
+a run's files are then left out). ``--also_read DIR`` (repeatable) names further archives that
+are only read, never written: an ``--equal_compute`` table takes the rows it leaves unchanged
+(sfbd, online_sfbd, emdiffusion) from the main archive that way.
 Writes OUT/results.json, OUT/table.md and the figures OUT/*.png.
 """
 
@@ -159,12 +161,34 @@ def row_record(folder: str, seed: int, variant: str, row: str,
                         "reproduce_row.json") if folder else ""
 
 
+def read_finished(out: str, archive: str, also_read: tuple[str, ...], config, seed: int,
+                  variant: str, row: str, equal_compute: bool = False) -> tuple[list, str]:
+    """(the finished results of a row, the file they were read from): ``out``'s record, else
+    ``archive``'s (a row found only in ``out`` is copied there), else the first of the
+    read-only archives ``also_read`` that holds it trained for ``config``'s budget (one of
+    another protocol there is passed over); ([], "") when none does."""
+    from sfbd_jax.utils import jsonfile
+
+    done = row_record(out, seed, variant, row, equal_compute)
+    kept = row_record(archive, seed, variant, row, equal_compute)
+    finished = tables.finished_row(done, kept)
+    if finished:
+        return finished, done if os.path.exists(done) else kept
+    for folder in also_read:
+        path = row_record(folder, seed, variant, row, equal_compute)
+        rows = jsonfile.read_json(path, []) if os.path.exists(path) else []
+        if rows and all(r["train_images"] == config.train.total_images for r in rows):
+            return rows, path
+    return [], ""
+
+
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
             compute_dtype: str = "float32", equal_compute: bool = False,
-            archive: str = "") -> list[dict]:
+            archive: str = "", also_read: tuple[str, ...] = ()) -> list[dict]:
     """Train (or resume) one row and return its result rows (one per SFBD round). A row
-    finished in ``out`` or kept in ``archive`` is read back; a row finished here is copied into
-    ``archive`` at once (so a session cut off mid-command loses no finished row)."""
+    finished in ``out``, kept in ``archive`` or in one of the read-only archives ``also_read``
+    is read back; a row finished here is copied into ``archive`` at once (so a session cut off
+    mid-command loses no finished row)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
@@ -174,10 +198,10 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
     workdir = row_workdir(out, seed, variant, row, equal_compute)
     done_path = row_record(out, seed, variant, row, equal_compute)
     kept = row_record(archive, seed, variant, row, equal_compute)
-    finished = tables.finished_row(done_path, kept)
+    finished, source = read_finished(out, archive, also_read, config, seed, variant, row,
+                                     equal_compute)
     if finished:
-        return check_protocol(finished, config, done_path if os.path.exists(done_path)
-                              else kept)
+        return check_protocol(finished, config, source)
     start = time.time()
     if row in ("oracle", "noisy"):
         run._setup()
@@ -243,10 +267,11 @@ def with_compute(r: dict) -> dict:
 def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
             rows: tuple[str, ...] = ROW_ORDER, compute_dtype: str = "float32",
             finished_only: bool = False, equal_compute: bool = False,
-            archive: str = "") -> list[dict]:
+            archive: str = "", also_read: tuple[str, ...] = ()) -> list[dict]:
     """The result rows of ``plan`` × ``rows``, training what is missing (``finished_only``:
     read back the finished rows only, train nothing). Rows are read from ``out`` or, failing
-    that, from ``archive`` (and every row finished in ``out`` is kept there)."""
+    that, from ``archive`` (and every row finished in ``out`` is kept there), or from the
+    read-only archives ``also_read``."""
     unknown = set(rows) - set(ROW_ORDER)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; known: {ROW_ORDER}")
@@ -258,16 +283,15 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
                 continue
             seen.add(key)
             if finished_only:
-                done = row_record(out, seed, variant, row, equal_compute)
-                results.extend(check_protocol(
-                    tables.finished_row(done, row_record(archive, seed, variant, row,
-                                                         equal_compute)) or [],
-                    row_config(variant, seed, row, out, budget_scale, compute_dtype,
-                               equal_compute), done))
+                config = row_config(variant, seed, row, out, budget_scale, compute_dtype,
+                                    equal_compute)
+                finished, source = read_finished(out, archive, also_read, config, seed,
+                                                 variant, row, equal_compute)
+                results.extend(check_protocol(finished, config, source))
                 continue
             print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
             results.extend(run_row(variant, seed, row, out, budget_scale, compute_dtype,
-                                   equal_compute, archive))
+                                   equal_compute, archive, also_read))
     return [with_compute(r) for r in results]
 
 
@@ -588,6 +612,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--archive", default="",
                         help="keep every finished row's result in this folder (to commit) "
                              "and read rows missing from --out there")
+    parser.add_argument("--also_read", action="append", default=[],
+                        help="a read-only archive of rows to read when --out and --archive "
+                             "lack them (repeatable), e.g. the SFBD rows, which --equal_compute "
+                             "leaves as they are, from the main archive")
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
@@ -598,7 +626,8 @@ def main(argv: list[str] | None = None) -> str:
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype,
                           args.finished_only, args.equal_compute,
-                          os.path.abspath(args.archive) if args.archive else ""), out)
+                          os.path.abspath(args.archive) if args.archive else "",
+                          tuple(os.path.abspath(a) for a in args.also_read)), out)
     print(text)
     print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
     return text

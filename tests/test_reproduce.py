@@ -148,6 +148,41 @@ def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
         ["| 0.59", "(3) EDM on the noisy set", "1.00"]]
 
 
+def test_equal_compute_table_reads_the_rows_it_leaves_unchanged_from_another_archive(tmp_path):
+    """--also_read: SFBD's rows (the same budget under --equal_compute) come from a read-only
+    archive; a row there of another protocol (noisy at the table's budget) is passed over, not
+    mixed in and not refused; nothing is written to the read-only archive."""
+    from sfbd_jax.utils import jsonfile
+
+    main_archive, out = str(tmp_path / "main"), str(tmp_path / "eq")
+    record = {"classifier_fd": 5.0, "swd": 0.1, "seed": 0, "variant": "smoke", "sigma": 0.2,
+              "denoise_evaluations": 0, "denoise_gradients": 0, "workdir": ""}
+
+    def keep(folder, row, train_images, **extra):
+        path = reproduce_mnist.row_record(folder, 0, "smoke", row, equal_compute=True)
+        jsonfile.write_json(path, [{**record, "row": row, "train_images": train_images,
+                                    **extra}])
+
+    sfbd = reproduce_mnist.row_config("smoke", 0, "sfbd", out, equal_compute=True)
+    noisy = reproduce_mnist.row_config("smoke", 0, "noisy", out, equal_compute=True)
+    assert noisy.train.total_images > sfbd.train.total_images
+    keep(main_archive, "sfbd", sfbd.train.total_images, round=2, images_seen=0)
+    keep(main_archive, "noisy", sfbd.train.total_images, round=None)  # the table's budget
+    before = sorted(os.walk(main_archive))
+
+    def collect(also_read):
+        return reproduce_mnist.collect([(0, "smoke")], out, rows=("noisy", "sfbd"),
+                                       finished_only=True, equal_compute=True,
+                                       also_read=also_read)
+
+    assert collect(()) == []
+    assert [(r["row"], r["round"]) for r in collect((main_archive,))] == [("sfbd", 2)]
+    keep(out, "noisy", noisy.train.total_images, round=None, classifier_fd=4.0)
+    rows = collect((main_archive,))
+    assert [(r["row"], r["classifier_fd"]) for r in rows] == [("noisy", 4.0), ("sfbd", 5.0)]
+    assert sorted(os.walk(main_archive)) == before
+
+
 @pytest.mark.slow
 def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
     """``python -m sfbd_jax.evaluate`` on the oracle run: the same samples (fixed key) give the
