@@ -456,14 +456,19 @@ def plot_metrics(results: list[dict], path: str) -> None:
             if key != "psnr":
                 for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-."),
                                    ("tweediediff", "m-")):
-                    vals = [r[key] for r in results if r["row"] == row and key in r
-                            and r["sigma"] in (sigma, None)]
-                    if vals:
-                        ax.axhline(np.mean(vals), color=style[0], linestyle=style[1:],
-                                   label={"oracle": "oracle (all clean)",
-                                          "clean_only": "50 clean only",
-                                          "noisy": "EDM on noisy",
-                                          "tweediediff": "TweedieDiff"}[row])
+                    group = [r for r in results if r["row"] == row and key in r
+                             and r["sigma"] in (sigma, None)]
+                    if group:  # its level, and a point (mean ± 95% interval) at its compute
+                        mean, ci = tables.mean_ci([r[key] for r in group])
+                        ax.axhline(mean, color=style[0], linestyle=style[1:], linewidth=0.8,
+                                   alpha=0.6)
+                        ax.errorbar(np.mean([r["compute_kfpe"] for r in group]), mean,
+                                    yerr=None if np.isnan(ci) else ci, fmt="D",
+                                    color=style[0], markersize=5, capsize=3,
+                                    label={"oracle": "oracle (all clean)",
+                                           "clean_only": "50 clean only",
+                                           "noisy": "EDM on noisy",
+                                           "tweediediff": "TweedieDiff"}[row])
             ax.set_title(f"σ_ζ = {sigma}: {title}")
             ax.set_xlabel("compute so far (10³ forward-pass equivalents)")
             ax.grid(alpha=0.3)
