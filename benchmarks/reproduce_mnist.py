@@ -8,6 +8,9 @@ Rows (configs/reproduce_mnist.py; the same network and number of training images
   clean_only   EDM on the 50 clean digits only (SFBD's pretraining run for the whole budget)
   noisy        EDM on the corrupted set as given (4,950 noisy, clipped to [-1, 1], + 50 clean)
   sfbd         SFBD: pretrain on the 50, then K backward/forward rounds; one row per round
+  sfbd_lean    SFBD at the same compute with K/2 rounds, the backward passes it skips spent on
+               training images (configs/reproduce_mnist.py: sfbd_lean): SFBD's allocation
+               of its compute between denoising and training, varied
   online_sfbd  online SFBD at equal compute: the same pretraining, then K·R training images
                with a refresh every R/(2B) steps of N/2 noisy images (2 refreshes per SFBD
                round's worth of training: the same denoising evaluations as one backward pass);
@@ -60,8 +63,8 @@ from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
 
-ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "online_sfbd", "tweediediff",
-             "emdiffusion")
+ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "sfbd_lean", "online_sfbd",
+             "tweediediff", "emdiffusion")
 TRAINING_ONLY = ("oracle", "clean_only", "noisy", "tweediediff")  # rows without denoising
 SIGMA_FREE = ("oracle", "clean_only")  # rows that never see the noisy set
 
@@ -127,6 +130,9 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
         c.online.ramp_start, c.online.ramp_end = 0, steps_per_round
     elif row == "emdiffusion":
         reproduce_mnist.emdiffusion(c)
+    elif row == "sfbd_lean":
+        reproduce_mnist.sfbd_lean(c)
+        c.train.total_images = c.sfbd.pretrain_images + c.sfbd.rounds * c.sfbd.images_per_round
     elif row == "tweediediff":
         c.mode = "ambient"
         c.ambient.annotation, c.ambient.fixed_sigma_min = "fixed", 0.0  # raised to σ_n = σ_ζ
@@ -249,7 +255,7 @@ def with_compute(r: dict) -> dict:
     archived before the passes were counted get them from their config (round k of SFBD: k
     passes over the noisy set)."""
     r = dict(r)
-    if r["row"] in ("sfbd", "emdiffusion") and r.get("denoise_evaluations") is None:
+    if r["row"] in ("sfbd", "sfbd_lean", "emdiffusion") and r.get("denoise_evaluations") is None:
         from sfbd_jax.config_checks import noisy_count
         from sfbd_jax.methods import backward
 
@@ -328,6 +334,10 @@ def table(results: list[dict]) -> str:
             label = ("(4) SFBD round 0 = pretrained; PSNR of the noisy set" if k == 0
                      else f"(4) SFBD round {k}")
             add(sigma, label, [r for r in sf if r["round"] == k])
+        lean = [r for r in results if r["row"] == "sfbd_lean" and r["sigma"] == sigma]
+        for k in sorted({r["round"] for r in lean} - {0}):  # round 0: SFBD's pretrained model
+            add(sigma, f"(4c) SFBD, half the rounds, more training: round {k}",
+                [r for r in lean if r["round"] == k])
         on = [r for r in results if r["row"] == "online_sfbd" and r["sigma"] == sigma]
         for k in sorted({r["round"] for r in on}):
             label = ("(4b) online SFBD: pretrained" if k == 0 else
@@ -385,7 +395,8 @@ def paired_table(results: list[dict]) -> str:
 
 
 FINAL_LABELS = {"oracle": "(1) oracle", "clean_only": "(2) 50 clean only",
-                "noisy": "(3) EDM on noisy", "online_sfbd": "(4b) online SFBD",
+                "noisy": "(3) EDM on noisy", "sfbd_lean": "(4c) SFBD, half the rounds",
+                "online_sfbd": "(4b) online SFBD",
                 "tweediediff": "(5) TweedieDiff", "emdiffusion": "(6) EMDiffusion"}
 
 
@@ -439,6 +450,8 @@ def plot_metrics(results: list[dict], path: str) -> None:
             ax = axes[i, j]
             # One colour per method, one thin line per seed (labelled once).
             for method, marker, color, name in (("sfbd", "o-", "tab:blue", "SFBD"),
+                                                ("sfbd_lean", "v-", "tab:cyan",
+                                                 "SFBD, half the rounds"),
                                                 ("online_sfbd", "s--", "tab:orange",
                                                  "online SFBD"),
                                                 ("emdiffusion", "^:", "tab:green",
@@ -499,7 +512,8 @@ def plot_samples(results: list[dict], path: str) -> None:
                      "tweediediff": f"TweedieDiff σ={r['sigma']}"}[r["row"]]
         else:
             png = os.path.join(r["workdir"], "samples", f"round{r['round']}.png")
-            name = {"sfbd": "SFBD", "emdiffusion": "EMDiffusion",
+            name = {"sfbd": "SFBD", "sfbd_lean": "SFBD (half the rounds)",
+                    "emdiffusion": "EMDiffusion",
                     "online_sfbd": "online SFBD"}.get(r["row"])
             label = ("50 clean only" if r["row"] == "clean_only"
                      else f"{name} σ={r['sigma']} round {r['round']}")

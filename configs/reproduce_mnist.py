@@ -95,3 +95,21 @@ def emdiffusion(c):
         raise ValueError(f"SFBD's backward budget ({budget} evaluations per image) cannot pay "
                          f"for {EM_ROUNDS} DPS E-steps of at least 2 levels")
     return c
+
+
+def sfbd_lean(c):
+    """Make ``c`` (an SFBD config of this file) the row 'sfbd_lean': SFBD at the same compute
+    with half the rounds (rounds // 2, at least one), the backward passes it skips spent on
+    training images (3 forward-pass equivalents each; a backward pass costs one per denoiser
+    evaluation), split evenly over its rounds. The same pretraining and backward grid."""
+    from sfbd_jax.config_checks import noisy_count
+    from sfbd_jax.methods import backward
+
+    evaluations, _ = backward.cost_per_image(c, c.corrupt.sigma)
+    rounds = max(1, c.sfbd.rounds // 2)
+    saved = (c.sfbd.rounds - rounds) * noisy_count(c) * evaluations
+    images = c.sfbd.rounds * c.sfbd.images_per_round + saved // 3
+    per_round = images // rounds
+    c.sfbd.rounds = rounds
+    c.sfbd.images_per_round = per_round - per_round % c.train.batch_size
+    return c

@@ -34,11 +34,12 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
         results = json.load(f)
     rows = {(r["row"], r["round"]) for r in results}
     assert rows == {("oracle", None), ("clean_only", 0), ("noisy", None), ("sfbd", 0),
-                    ("sfbd", 1), ("sfbd", 2), ("online_sfbd", 0), ("online_sfbd", 1),
+                    ("sfbd", 1), ("sfbd", 2), ("sfbd_lean", 0), ("sfbd_lean", 1),
+                    ("online_sfbd", 0), ("online_sfbd", 1),
                     ("online_sfbd", 2), ("tweediediff", None), ("emdiffusion", 0),
                     ("emdiffusion", 1)}
-    budgets = {r["train_images"] for r in results}
-    assert len(budgets) == 1  # the same training budget for every row
+    budgets = {r["train_images"] for r in results if r["row"] != "sfbd_lean"}
+    assert len(budgets) == 1  # the same training budget for every row but SFBD's lean one
     for r in results:
         assert np.isfinite(r["classifier_fd"]) and r["swd"] > 0
         assert 0 <= r["memorised_fraction_train_pixel"] <= 1
@@ -70,12 +71,20 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     assert em["images_seen"] == final["sfbd"]["images_seen"]
     assert em["compute_fpe"] <= final["sfbd"]["compute_fpe"]
     assert final["oracle"]["compute_fpe"] == 3 * final["oracle"]["train_images"]
+    # SFBD with half the rounds: its one backward pass and more training images, at SFBD's
+    # compute to within one batch of training images.
+    lean = final["sfbd_lean"]
+    assert lean["denoise_evaluations"] == final["sfbd"]["denoise_evaluations"] // 2
+    assert lean["images_seen"] > final["sfbd"]["images_seen"]
+    assert 0 <= final["sfbd"]["compute_fpe"] - lean["compute_fpe"] < 3 * 32
     assert np.isfinite(em["psnr"])
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
                   "(3) EDM on the noisy set", "(4) SFBD round 2",
                   "(4b) online SFBD at round 2's compute", "(5) TweedieDiff",
                   "| 0.2 | round 2's compute |", "(6) EMDiffusion round 1",
-                  "| 0.2 | (6) EMDiffusion |", "compute ÷ SFBD's"):
+                  "| 0.2 | (6) EMDiffusion |", "compute ÷ SFBD's",
+                  "(4c) SFBD, half the rounds, more training: round 1",
+                  "| 0.2 | (4c) SFBD, half the rounds |"):
         assert label in text
     for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
                  "mnist_triptych_sigma0.2.png"):
@@ -88,7 +97,7 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     # alone (what is committed) rebuilds the same table on a machine without the runs.
     kept = [os.path.relpath(d, archive) for d, _, files in os.walk(archive)
             if "reproduce_row.json" in files]
-    assert len(kept) == 7 and os.path.join("seed0", "smoke", "sfbd") in kept
+    assert len(kept) == 8 and os.path.join("seed0", "smoke", "sfbd") in kept
     assert not any(name.endswith((".npy", ".png")) or name == "checkpoints"
                    for _, dirs, files in os.walk(archive) for name in dirs + files)
     elsewhere = os.path.join(out, "elsewhere")
@@ -128,6 +137,12 @@ def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
     em = reproduce_mnist.row_config("sigma0.2", 0, "emdiffusion", "/tmp/x", equal_compute=True)
     assert em.train.total_images == 13_440
     assert (em.sfbd.rounds, em.sfbd.dps_num_steps, em.sfbd.backward) == (1, 9, "dps")
+    # SFBD with half the rounds: 2 backward passes, the two it skips (2 × 4,950 × 7 FPE) paid
+    # as training images, so its compute is SFBD's to within one batch of training images.
+    lean = reproduce_mnist.row_config("sigma0.2", 0, "sfbd_lean", "/tmp/x", equal_compute=True)
+    assert lean.sfbd.rounds == 2 and lean.sfbd.pretrain_images == sfbd.sfbd.pretrain_images
+    assert lean.train.total_images == 3_200 + 2 * lean.sfbd.images_per_round
+    assert 0 <= reproduce_mnist.sfbd_compute(sfbd) - reproduce_mnist.sfbd_compute(lean) < 3 * 64
     # SFBD's compute grows with σ_ζ, so at equal compute the rows that never see the noisy set
     # are one run per σ_ζ (its own folder), tabulated under that σ_ζ, not once for all.
     high = reproduce_mnist.row_config("sigma0.59", 0, "oracle", "/tmp/x", equal_compute=True)
