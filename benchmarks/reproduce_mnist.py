@@ -67,13 +67,13 @@ ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "sfbd_lean", "online_sfbd"
              "tweediediff", "emdiffusion")
 TRAINING_ONLY = ("oracle", "clean_only", "noisy", "tweediediff")  # rows without denoising
 SIGMA_FREE = ("oracle", "clean_only")  # rows that never see the noisy set
+FPE_PER_TRAINING_IMAGE, FPE_PER_GRADIENT = 3, 2
 
 
 def shared_row(row: str, equal_compute: bool = False) -> bool:
     """Whether ``row`` is one run for every σ_ζ: the rows that never see the noisy set, unless
     they train for SFBD's whole compute, which grows with σ_ζ (more backward levels)."""
     return row in SIGMA_FREE and not equal_compute
-FPE_PER_TRAINING_IMAGE, FPE_PER_GRADIENT = 3, 2
 
 
 def sfbd_compute(c) -> int:
