@@ -3,7 +3,8 @@
     python benchmarks/reproduce_mnist.py --out runs/reproduce_mnist
     python benchmarks/reproduce_mnist.py --out /tmp/smoke --smoke     # tiny, for the tests
 
-Rows (configs/reproduce_mnist.py; the same network and number of training images for each):
+Rows (configs/reproduce_mnist.py; the same network for each, and the same number of training
+images for each but sfbd_lean):
   oracle       EDM on all 5,000 clean digits
   clean_only   EDM on the 50 clean digits only (SFBD's pretraining run for the whole budget)
   noisy        EDM on the corrupted set as given (4,950 noisy, clipped to [-1, 1], + 50 clean)
@@ -148,14 +149,20 @@ def row_workdir(out: str, seed: int, variant: str, row: str,
     return os.path.join(out, f"seed{seed}", row if shared else os.path.join(variant, row))
 
 
+def trained_for(rows: list[dict], config) -> bool:
+    """Whether every one of ``rows`` was trained for ``config``'s budget (this protocol)."""
+    return all(r["train_images"] == config.train.total_images for r in rows)
+
+
 def check_protocol(rows: list[dict], config, path: str) -> list[dict]:
     """``rows`` read back from ``path``, refused when they were trained for another budget
     than ``config``'s (another --budget_scale or --equal_compute in the same --out)."""
-    for r in rows:
-        if r["train_images"] != config.train.total_images:
-            raise ValueError(f"{path} holds a row trained for {r['train_images']} images; "
-                             f"this protocol trains it for {config.train.total_images} "
-                             "(another --budget_scale or --equal_compute): use a new --out")
+    if not trained_for(rows, config):
+        other = next(r["train_images"] for r in rows
+                     if r["train_images"] != config.train.total_images)
+        raise ValueError(f"{path} holds a row trained for {other} images; "
+                         f"this protocol trains it for {config.train.total_images} "
+                         "(another --budget_scale or --equal_compute): use a new --out")
     return rows
 
 
@@ -183,7 +190,7 @@ def read_finished(out: str, archive: str, also_read: tuple[str, ...], config, se
     for folder in also_read:
         path = row_record(folder, seed, variant, row, equal_compute)
         rows = jsonfile.read_json(path, []) if os.path.exists(path) else []
-        if rows and all(r["train_images"] == config.train.total_images for r in rows):
+        if rows and trained_for(rows, config):
             return rows, path
     return [], ""
 
@@ -255,7 +262,7 @@ def with_compute(r: dict) -> dict:
     archived before the passes were counted get them from their config (round k of SFBD: k
     passes over the noisy set)."""
     r = dict(r)
-    if r["row"] in ("sfbd", "sfbd_lean", "emdiffusion") and r.get("denoise_evaluations") is None:
+    if r["row"] in ("sfbd", "emdiffusion") and r.get("denoise_evaluations") is None:
         from sfbd_jax.config_checks import noisy_count
         from sfbd_jax.methods import backward
 
