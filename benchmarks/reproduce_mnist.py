@@ -4,7 +4,7 @@
     python benchmarks/reproduce_mnist.py --out /tmp/smoke --smoke     # tiny, for the tests
 
 Rows (configs/reproduce_mnist.py; the same network for each, and the same number of training
-images for each but sfbd_lean):
+images for each but sfbd_lean and sfbd_quick):
   oracle       EDM on all 5,000 clean digits
   clean_only   EDM on the 50 clean digits only (SFBD's pretraining run for the whole budget)
   noisy        EDM on the corrupted set as given (4,950 noisy, clipped to [-1, 1], + 50 clean)
@@ -12,6 +12,9 @@ images for each but sfbd_lean):
   sfbd_lean    SFBD at the same compute with K/2 rounds, the backward passes it skips spent on
                training images (configs/reproduce_mnist.py: sfbd_lean): SFBD's allocation
                of its compute between denoising and training, varied
+  sfbd_quick   SFBD at the same compute and K rounds with cheaper backward passes (a coarser
+               grid: 5 evaluations per image), the evaluations saved spent on training images
+               (configs/reproduce_mnist.py: sfbd_quick): the same question, the other way
   online_sfbd  online SFBD at equal compute: the same pretraining, then K·R training images
                with a refresh every R/(2B) steps of N/2 noisy images (2 refreshes per SFBD
                round's worth of training: the same denoising evaluations as one backward pass);
@@ -64,8 +67,8 @@ from absl import logging  # noqa: E402
 
 from sfbd_jax.utils import devices  # noqa: E402
 
-ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "sfbd_lean", "online_sfbd",
-             "tweediediff", "emdiffusion")
+ROW_ORDER = ("oracle", "clean_only", "noisy", "sfbd", "sfbd_lean", "sfbd_quick",
+             "online_sfbd", "tweediediff", "emdiffusion")
 TRAINING_ONLY = ("oracle", "clean_only", "noisy", "tweediediff")  # rows without denoising
 SIGMA_FREE = ("oracle", "clean_only")  # rows that never see the noisy set
 FPE_PER_TRAINING_IMAGE, FPE_PER_GRADIENT = 3, 2
@@ -131,8 +134,8 @@ def row_config(variant: str, seed: int, row: str, out: str, budget_scale: float 
         c.online.ramp_start, c.online.ramp_end = 0, steps_per_round
     elif row == "emdiffusion":
         reproduce_mnist.emdiffusion(c)
-    elif row == "sfbd_lean":
-        reproduce_mnist.sfbd_lean(c)
+    elif row in ("sfbd_lean", "sfbd_quick"):
+        (reproduce_mnist.sfbd_lean if row == "sfbd_lean" else reproduce_mnist.sfbd_quick)(c)
         c.train.total_images = c.sfbd.pretrain_images + c.sfbd.rounds * c.sfbd.images_per_round
     elif row == "tweediediff":
         c.mode = "ambient"
@@ -341,10 +344,11 @@ def table(results: list[dict]) -> str:
             label = ("(4) SFBD round 0 = pretrained; PSNR of the noisy set" if k == 0
                      else f"(4) SFBD round {k}")
             add(sigma, label, [r for r in sf if r["round"] == k])
-        lean = [r for r in results if r["row"] == "sfbd_lean" and r["sigma"] == sigma]
-        for k in sorted({r["round"] for r in lean} - {0}):  # round 0: SFBD's pretrained model
-            add(sigma, f"(4c) SFBD, half the rounds, more training: round {k}",
-                [r for r in lean if r["round"] == k])
+        for name, label in (("sfbd_lean", "(4c) SFBD, half the rounds, more training"),
+                            ("sfbd_quick", "(4d) SFBD, cheaper backward passes, more training")):
+            variant = [r for r in results if r["row"] == name and r["sigma"] == sigma]
+            for k in sorted({r["round"] for r in variant} - {0}):  # 0: SFBD's pretrained model
+                add(sigma, f"{label}: round {k}", [r for r in variant if r["round"] == k])
         on = [r for r in results if r["row"] == "online_sfbd" and r["sigma"] == sigma]
         for k in sorted({r["round"] for r in on}):
             label = ("(4b) online SFBD: pretrained" if k == 0 else
@@ -403,6 +407,7 @@ def paired_table(results: list[dict]) -> str:
 
 FINAL_LABELS = {"oracle": "(1) oracle", "clean_only": "(2) 50 clean only",
                 "noisy": "(3) EDM on noisy", "sfbd_lean": "(4c) SFBD, half the rounds",
+                "sfbd_quick": "(4d) SFBD, cheaper backward passes",
                 "online_sfbd": "(4b) online SFBD",
                 "tweediediff": "(5) TweedieDiff", "emdiffusion": "(6) EMDiffusion"}
 
@@ -459,6 +464,8 @@ def plot_metrics(results: list[dict], path: str) -> None:
             for method, marker, color, name in (("sfbd", "o-", "tab:blue", "SFBD"),
                                                 ("sfbd_lean", "v-", "tab:cyan",
                                                  "SFBD, half the rounds"),
+                                                ("sfbd_quick", "<-", "tab:purple",
+                                                 "SFBD, cheaper backward passes"),
                                                 ("online_sfbd", "s--", "tab:orange",
                                                  "online SFBD"),
                                                 ("emdiffusion", "^:", "tab:green",
@@ -520,6 +527,7 @@ def plot_samples(results: list[dict], path: str) -> None:
         else:
             png = os.path.join(r["workdir"], "samples", f"round{r['round']}.png")
             name = {"sfbd": "SFBD", "sfbd_lean": "SFBD (half the rounds)",
+                    "sfbd_quick": "SFBD (cheaper backward)",
                     "emdiffusion": "EMDiffusion",
                     "online_sfbd": "online SFBD"}.get(r["row"])
             label = ("50 clean only" if r["row"] == "clean_only"

@@ -16,7 +16,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gmm_convergence  # noqa: E402
 import reproduce_mnist  # noqa: E402
 
+from configs import reproduce_mnist as configs_reproduce  # noqa: E402
 from sfbd_jax.diffusion import sampler  # noqa: E402
+from sfbd_jax.methods import backward  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +37,12 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     rows = {(r["row"], r["round"]) for r in results}
     assert rows == {("oracle", None), ("clean_only", 0), ("noisy", None), ("sfbd", 0),
                     ("sfbd", 1), ("sfbd", 2), ("sfbd_lean", 0), ("sfbd_lean", 1),
+                    ("sfbd_quick", 0), ("sfbd_quick", 1), ("sfbd_quick", 2),
                     ("online_sfbd", 0), ("online_sfbd", 1),
                     ("online_sfbd", 2), ("tweediediff", None), ("emdiffusion", 0),
                     ("emdiffusion", 1)}
-    budgets = {r["train_images"] for r in results if r["row"] != "sfbd_lean"}
-    assert len(budgets) == 1  # the same training budget for every row but SFBD's lean one
+    budgets = {r["train_images"] for r in results if r["row"] not in ("sfbd_lean", "sfbd_quick")}
+    assert len(budgets) == 1  # the same training budget for every row but SFBD's reallocations
     for r in results:
         assert np.isfinite(r["classifier_fd"]) and r["swd"] > 0
         assert 0 <= r["memorised_fraction_train_pixel"] <= 1
@@ -77,6 +80,14 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     assert lean["denoise_evaluations"] == final["sfbd"]["denoise_evaluations"] // 2
     assert lean["images_seen"] > final["sfbd"]["images_seen"]
     assert 0 <= final["sfbd"]["compute_fpe"] - lean["compute_fpe"] < 3 * 32
+    # SFBD with cheaper backward passes: as many passes, 5 evaluations each instead of 7, the
+    # difference paid as training images (to within one batch a round).
+    quick = final["sfbd_quick"]
+    assert quick["denoise_evaluations"] == 2 * 350 * 5
+    assert final["sfbd"]["denoise_evaluations"] == 2 * 350 * 7
+    assert quick["images_seen"] > final["sfbd"]["images_seen"]
+    assert 0 <= final["sfbd"]["compute_fpe"] - quick["compute_fpe"] < 3 * 32 * 2
+    assert np.isfinite(quick["psnr"])
     assert np.isfinite(em["psnr"])
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
                   "(3) EDM on the noisy set", "(4) SFBD round 2",
@@ -84,7 +95,9 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
                   "| 0.2 | round 2's compute |", "(6) EMDiffusion round 1",
                   "| 0.2 | (6) EMDiffusion |", "compute ÷ SFBD's",
                   "(4c) SFBD, half the rounds, more training: round 1",
-                  "| 0.2 | (4c) SFBD, half the rounds |"):
+                  "| 0.2 | (4c) SFBD, half the rounds |",
+                  "(4d) SFBD, cheaper backward passes, more training: round 2",
+                  "| 0.2 | (4d) SFBD, cheaper backward passes |"):
         assert label in text
     for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
                  "mnist_triptych_sigma0.2.png"):
@@ -97,7 +110,7 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     # alone (what is committed) rebuilds the same table on a machine without the runs.
     kept = [os.path.relpath(d, archive) for d, _, files in os.walk(archive)
             if "reproduce_row.json" in files]
-    assert len(kept) == 8 and os.path.join("seed0", "smoke", "sfbd") in kept
+    assert len(kept) == 9 and os.path.join("seed0", "smoke", "sfbd") in kept
     assert not any(name.endswith((".npy", ".png")) or name == "checkpoints"
                    for _, dirs, files in os.walk(archive) for name in dirs + files)
     elsewhere = os.path.join(out, "elsewhere")
@@ -143,6 +156,22 @@ def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
     assert lean.sfbd.rounds == 2 and lean.sfbd.pretrain_images == sfbd.sfbd.pretrain_images
     assert lean.train.total_images == 3_200 + 2 * lean.sfbd.images_per_round
     assert 0 <= reproduce_mnist.sfbd_compute(sfbd) - reproduce_mnist.sfbd_compute(lean) < 3 * 64
+    # SFBD with cheaper backward passes: 4 passes of 5 evaluations instead of 7 (σ_ζ = 0.2) or
+    # 9 (σ_ζ = 0.59), the evaluations saved paid as training images, to within a batch a round.
+    for variant, evaluations in (("sigma0.2", 7), ("sigma0.59", 9)):
+        full = reproduce_mnist.row_config(variant, 0, "sfbd", "/tmp/x")
+        quick = reproduce_mnist.row_config(variant, 0, "sfbd_quick", "/tmp/x", True)
+        assert backward.cost_per_image(full, full.corrupt.sigma)[0] == evaluations
+        assert backward.cost_per_image(quick, quick.corrupt.sigma)[0] == 5
+        assert quick.sfbd.rounds == 4 and quick.sfbd.pretrain_images == 3_200
+        assert quick.train.total_images == 3_200 + 4 * quick.sfbd.images_per_round
+        assert quick.sfbd.images_per_round > full.sfbd.images_per_round
+        gap = reproduce_mnist.sfbd_compute(full) - reproduce_mnist.sfbd_compute(quick)
+        assert 0 <= gap < 3 * 64 * 4
+    cheap = reproduce_mnist.row_config("sigma0.2", 0, "sfbd", "/tmp/x")
+    cheap.sfbd.backward_num_steps = 6  # already as cheap as the quick grid: refused
+    with pytest.raises(ValueError, match="not fewer than SFBD's 5"):
+        configs_reproduce.sfbd_quick(cheap)
     # SFBD's compute grows with σ_ζ, so at equal compute the rows that never see the noisy set
     # are one run per σ_ζ (its own folder), tabulated under that σ_ζ, not once for all.
     high = reproduce_mnist.row_config("sigma0.59", 0, "oracle", "/tmp/x", equal_compute=True)
