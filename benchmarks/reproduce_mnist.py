@@ -48,7 +48,10 @@ that no longer has the runs: ``--out NEW --archive DIR --finished_only`` (the fi
 a run's files are then left out). ``--also_read DIR`` (repeatable) names further archives that
 are only read, never written: an ``--equal_compute`` table takes the rows it leaves unchanged
 (sfbd, online_sfbd, emdiffusion) from the main archive that way.
-Writes OUT/results.json, OUT/table.md and the figures OUT/*.png.
+Writes OUT/results.json, OUT/table.md (every row and round, then the paired differences),
+OUT/table_final.md (each row at the end of its budget, SFBD's reallocations also after their
+first round, and the differences to SFBD paired by seed, bold where the interval excludes 0:
+the summary RESULTS.md quotes) and the figures OUT/*.png.
 """
 
 from __future__ import annotations
@@ -388,7 +391,8 @@ def paired_markdown(title: str, lines: list[str], extra: tuple[str, ...] = ()) -
 
 def paired_table(results: list[dict]) -> str:
     """Markdown: online SFBD − SFBD at each round's compute, paired by seed (mean ± 95%
-    interval of the per-seed differences); empty when no seed has both rows."""
+    interval of the per-seed differences; bold: the interval excludes 0); empty when no seed
+    has both rows."""
     lines = []
     for sigma in sorted({r["sigma"] for r in results if r["row"] == "online_sfbd"}):
         online, sfbd = ({(r["seed"], r["round"]): r for r in results
@@ -400,7 +404,7 @@ def paired_table(results: list[dict]) -> str:
                 continue
             diffs = [differences(online[s, k], sfbd[s, k]) for s in seeds]
             lines.append(f"| {sigma} | round {k}'s compute | "
-                         + " | ".join(tables.cells(diffs, PAIRED_COLUMNS))
+                         + " | ".join(tables.cells(diffs, PAIRED_COLUMNS, bold_nonzero=True))
                          + f" | {','.join(map(str, seeds))} |")
     return paired_markdown("online SFBD − SFBD at", lines)
 
@@ -426,7 +430,7 @@ def final_rows(results: list[dict], row: str, sigma) -> dict:
 def against_sfbd_table(results: list[dict]) -> str:
     """Markdown: every other row at the end of its budget − SFBD after its last round, paired
     by seed (mean ± 95% interval of the per-seed differences; an interval that excludes 0 is a
-    difference the seeds support). Empty when no seed has SFBD and another row."""
+    difference the seeds support, in bold). Empty when no seed has SFBD and another row."""
     lines = []
     for sigma in sorted({r["sigma"] for r in results if r["row"] == "sfbd"}):
         sfbd = final_rows(results, "sfbd", sigma)
@@ -437,10 +441,33 @@ def against_sfbd_table(results: list[dict]) -> str:
                 continue
             diffs = [differences(other[s], sfbd[s]) for s in seeds]
             ratio = np.mean([other[s]["compute_fpe"] / sfbd[s]["compute_fpe"] for s in seeds])
-            lines.append(f"| {sigma} | {label} | " + " | ".join(tables.cells(diffs,
-                                                                            PAIRED_COLUMNS))
+            lines.append(f"| {sigma} | {label} | "
+                         + " | ".join(tables.cells(diffs, PAIRED_COLUMNS, bold_nonzero=True))
                          + f" | {ratio:.2f} | {','.join(map(str, seeds))} |")
     return paired_markdown("row − SFBD (last round)", lines, ("compute ÷ SFBD's",))
+
+
+ALLOCATION_ROWS = ("sfbd_lean", "sfbd_quick")  # SFBD with its compute split differently
+
+
+def final_results(results: list[dict]) -> list[dict]:
+    """The results a reader compares: every row at the end of its budget (its last round at
+    each σ_ζ), and for SFBD's reallocations also their first round (their first model trained
+    on a denoised set, where the extra training shows before the rounds add up)."""
+    last = {}
+    for r in results:
+        key = (r["row"], r["sigma"])
+        last[key] = max(last.get(key, 0), r["round"] or 0)
+    return [r for r in results if (r["round"] or 0) == last[r["row"], r["sigma"]]
+            or (r["row"] in ALLOCATION_ROWS and r["round"] == 1)]
+
+
+def final_table(results: list[dict]) -> str:
+    """Markdown: ``table`` of the ``final_results``, then ``against_sfbd_table`` — the
+    summary a write-up quotes, reproducible from the archive."""
+    text = table(final_results(results))
+    against = against_sfbd_table(results)
+    return text + ("\n\n" + against if against else "")
 
 
 def plot_metrics(results: list[dict], path: str) -> None:
@@ -609,6 +636,8 @@ def report(results: list[dict], out: str) -> str:
             text += "\n\n" + extra
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
+    with open(os.path.join(out, "table_final.md"), "w") as f:
+        f.write(final_table(results) + "\n")
     if any(r["sigma"] is not None for r in results):  # rows that depend on σ_ζ
         plot_metrics(results, os.path.join(out, "mnist_metrics_vs_round.png"))
     if results:

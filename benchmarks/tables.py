@@ -71,19 +71,22 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
                                   / np.sqrt(len(v)))
 
 
-def fmt(values: list[float], digits: int) -> str:
-    """'–' for none, the value for one, 'mean ± 95% half-width' for several."""
+def fmt(values: list[float], digits: int, bold_nonzero: bool = False) -> str:
+    """'–' for none, the value for one, 'mean ± 95% half-width' for several; ``bold_nonzero``
+    (for differences): the cell in Markdown bold when the interval excludes 0."""
     if not values:
         return "–"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     mean, half = mean_ci(values)
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+    text = f"{mean:.{digits}f} ± {half:.{digits}f}"
+    return f"**{text}**" if bold_nonzero and abs(mean) > half else text
 
 
-def cells(group: list[dict], columns) -> list[str]:
-    """One formatted cell per (key, header, digits) column over the rows of ``group``."""
-    return [fmt([g[key] for g in group if g.get(key) is not None], digits)
+def cells(group: list[dict], columns, bold_nonzero: bool = False) -> list[str]:
+    """One formatted cell per (key, header, digits) column over the rows of ``group``
+    (``bold_nonzero``: see ``fmt``)."""
+    return [fmt([g[key] for g in group if g.get(key) is not None], digits, bold_nonzero)
             for key, _, digits in columns]
 
 

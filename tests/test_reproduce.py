@@ -99,6 +99,10 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
                   "(4d) SFBD, cheaper backward passes, more training: round 2",
                   "| 0.2 | (4d) SFBD, cheaper backward passes |"):
         assert label in text
+    with open(os.path.join(out, "table_final.md")) as f:
+        final = f.read()
+    assert "(4) SFBD round 2" in final and "(4) SFBD round 1" not in final
+    assert "| 0.2 | (5) TweedieDiff |" in final and "(6) EMDiffusion round 1" in final
     for name in ("mnist_metrics_vs_round.png", "mnist_samples.png",
                  "mnist_triptych_sigma0.2.png"):
         with Image.open(os.path.join(out, name)) as img:
@@ -190,6 +194,42 @@ def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
         ["| 0.2", "(1) EDM on all clean (oracle)", "1.00"],
         ["| 0.59", "(1) EDM on all clean (oracle)", "2.00"],
         ["| 0.59", "(3) EDM on the noisy set", "1.00"]]
+
+
+def test_final_table_keeps_each_rows_end_and_bolds_the_differences_the_seeds_support():
+    """table_final.md: each row at the end of its budget (SFBD's reallocations also after
+    their first round), then the differences to SFBD paired by seed, bold exactly where the
+    95% interval excludes 0."""
+    results = []
+    for seed in range(3):
+        for k in range(5):
+            results.append({"row": "sfbd", "sigma": 0.2, "round": k, "seed": seed,
+                            "classifier_fd": 5.0 - k + 0.1 * seed, "swd": 0.1,
+                            "compute_fpe": 100 * k})
+        for k in range(3):
+            results.append({"row": "sfbd_lean", "sigma": 0.2, "round": k, "seed": seed,
+                            "classifier_fd": 5.0 + k + 0.1 * seed,
+                            "swd": 0.1 + 0.01 * (seed - 1),
+                            "compute_fpe": 200 * k})
+        results.append({"row": "oracle", "sigma": 0.2, "round": None, "seed": seed,
+                        "classifier_fd": 0.5 + 0.11 * seed, "swd": 0.05, "compute_fpe": 400})
+    kept = {(r["row"], r["round"]) for r in reproduce_mnist.final_results(results)}
+    assert kept == {("sfbd", 4), ("sfbd_lean", 1), ("sfbd_lean", 2), ("oracle", None)}
+    text = reproduce_mnist.final_table(results)
+    labels = [line.split(" | ")[1] for line in text.splitlines()
+              if line.startswith("| 0.2 |")]
+    assert labels == ["(1) EDM on all clean (oracle)", "(4) SFBD round 4",
+                      "(4c) SFBD, half the rounds, more training: round 1",
+                      "(4c) SFBD, half the rounds, more training: round 2",
+                      "(1) oracle", "(4c) SFBD, half the rounds"]
+    starts = ("| 0.2 | (1) oracle |", "| 0.2 | (4c) SFBD, half the rounds |")
+    oracle, lean = (line.split(" | ") for line in text.splitlines() if line.startswith(starts))
+    # FD − SFBD's round 4 (1 + 0.1·seed): −0.50, −0.49, −0.48, t-interval ± 4.30·0.01/√3.
+    assert oracle[2] == "**-0.49 ± 0.02**"
+    assert oracle[3] == "**-0.0500 ± 0.0000**"  # sliced W₁: 0.05 − 0.1 on every seed
+    assert lean[2] == "**6.00 ± 0.00**"  # round 2: FD 7 + 0.1·seed
+    assert lean[3] == "0.0000 ± 0.0248"  # −0.01, 0, +0.01: the interval spans 0, plain
+    assert lean[-2] == "1.00"  # compute ÷ SFBD's: 400 / 400
 
 
 def test_equal_compute_table_reads_the_rows_it_leaves_unchanged_from_another_archive(tmp_path):
