@@ -316,21 +316,32 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
 
 # ----- report ---------------------------------------------------------------------------
 # (key, header, digits) of the table's metric columns; every evaluation key is in results.json.
-COLUMNS = ((("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓", 4))
+COLUMNS = ((("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓", 4),
+            ("noise_sigma", "residual noise σ̂ ↓", 3))
            + tables.NEIGHBOUR_COLUMNS + (("psnr", "PSNR of D^(k) (dB) ↑", 2),
                                          ("compute_kfpe", "compute (10³ FPE)", 0)))
+# Metrics added after rows were archived: their columns appear once some row holds them, so a
+# table of older rows reads as before.
+LATER_METRICS = frozenset({"noise_sigma"})
+
+
+def shown(columns, results: list[dict]) -> tuple:
+    """``columns`` less those of LATER_METRICS that no result holds."""
+    return tuple(c for c in columns if c[0] not in LATER_METRICS
+                 or any(r.get(c[0]) is not None for r in results))
 
 
 def table(results: list[dict]) -> str:
     """Markdown: one line per (σ_ζ, row, round), mean ± 95% interval over seeds."""
     sigmas = sorted({r["sigma"] for r in results if r["sigma"] is not None})
-    lines = ["| σ_ζ | row | " + " | ".join(h for _, h, _ in COLUMNS) + " | seeds |",
-             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    columns = shown(COLUMNS, results)
+    lines = ["| σ_ζ | row | " + " | ".join(h for _, h, _ in columns) + " | seeds |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
 
     def add(sigma_label, label, group):
         if not group:
             return
-        lines.append(f"| {sigma_label} | {label} | " + " | ".join(tables.cells(group, COLUMNS))
+        lines.append(f"| {sigma_label} | {label} | " + " | ".join(tables.cells(group, columns))
                      + f" | {','.join(str(g['seed']) for g in group)} |")
 
     sigma_free = (("oracle", "(1) EDM on all clean (oracle)"),
@@ -368,6 +379,7 @@ def table(results: list[dict]) -> str:
 
 
 PAIRED_COLUMNS = (("classifier_fd", "classifier FD", 2), ("swd", "sliced W₁", 4),
+                  ("noise_sigma", "residual noise σ̂", 3),
                   ("precision", "precision", 3), ("recall", "recall", 3),
                   ("memorised_fraction_train_pixel", "memorised: train set, px", 3),
                   ("psnr", "PSNR (dB)", 2))
@@ -379,12 +391,12 @@ def differences(a: dict, b: dict) -> dict:
             if a.get(key) is not None and b.get(key) is not None}
 
 
-def paired_markdown(title: str, lines: list[str], extra: tuple[str, ...] = ()) -> str:
-    """A table of paired differences: header (σ_ζ, ``title``, PAIRED_COLUMNS, ``extra``,
-    seeds) above ``lines``; empty without lines."""
+def paired_markdown(title: str, lines: list[str], columns, extra: tuple[str, ...] = ()) -> str:
+    """A table of paired differences: header (σ_ζ, ``title``, ``columns``, ``extra``, seeds)
+    above ``lines``; empty without lines."""
     if not lines:
         return ""
-    headers = ["σ_ζ", title, *(h for _, h, _ in PAIRED_COLUMNS), *extra, "seeds"]
+    headers = ["σ_ζ", title, *(h for _, h, _ in columns), *extra, "seeds"]
     return "\n".join(["| " + " | ".join(headers) + " |",
                       "|" + "---|" * len(headers)] + lines)
 
@@ -393,7 +405,7 @@ def paired_table(results: list[dict]) -> str:
     """Markdown: online SFBD − SFBD at each round's compute, paired by seed (mean ± 95%
     interval of the per-seed differences; bold: the interval excludes 0); empty when no seed
     has both rows."""
-    lines = []
+    lines, columns = [], shown(PAIRED_COLUMNS, results)
     for sigma in sorted({r["sigma"] for r in results if r["row"] == "online_sfbd"}):
         online, sfbd = ({(r["seed"], r["round"]): r for r in results
                          if r["row"] == row and r["sigma"] == sigma}
@@ -404,9 +416,9 @@ def paired_table(results: list[dict]) -> str:
                 continue
             diffs = [differences(online[s, k], sfbd[s, k]) for s in seeds]
             lines.append(f"| {sigma} | round {k}'s compute | "
-                         + " | ".join(tables.cells(diffs, PAIRED_COLUMNS, bold_nonzero=True))
+                         + " | ".join(tables.cells(diffs, columns, bold_nonzero=True))
                          + f" | {','.join(map(str, seeds))} |")
-    return paired_markdown("online SFBD − SFBD at", lines)
+    return paired_markdown("online SFBD − SFBD at", lines, columns)
 
 
 FINAL_LABELS = {"oracle": "(1) oracle", "clean_only": "(2) 50 clean only",
@@ -431,7 +443,7 @@ def against_sfbd_table(results: list[dict]) -> str:
     """Markdown: every other row at the end of its budget − SFBD after its last round, paired
     by seed (mean ± 95% interval of the per-seed differences; an interval that excludes 0 is a
     difference the seeds support, in bold). Empty when no seed has SFBD and another row."""
-    lines = []
+    lines, columns = [], shown(PAIRED_COLUMNS, results)
     for sigma in sorted({r["sigma"] for r in results if r["row"] == "sfbd"}):
         sfbd = final_rows(results, "sfbd", sigma)
         for row, label in FINAL_LABELS.items():
@@ -442,9 +454,9 @@ def against_sfbd_table(results: list[dict]) -> str:
             diffs = [differences(other[s], sfbd[s]) for s in seeds]
             ratio = np.mean([other[s]["compute_fpe"] / sfbd[s]["compute_fpe"] for s in seeds])
             lines.append(f"| {sigma} | {label} | "
-                         + " | ".join(tables.cells(diffs, PAIRED_COLUMNS, bold_nonzero=True))
+                         + " | ".join(tables.cells(diffs, columns, bold_nonzero=True))
                          + f" | {ratio:.2f} | {','.join(map(str, seeds))} |")
-    return paired_markdown("row − SFBD (last round)", lines, ("compute ÷ SFBD's",))
+    return paired_markdown("row − SFBD (last round)", lines, columns, ("compute ÷ SFBD's",))
 
 
 ALLOCATION_ROWS = ("sfbd_lean", "sfbd_quick")  # SFBD with its compute split differently
@@ -477,10 +489,11 @@ def plot_metrics(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     sigmas = sorted({r["sigma"] for r in results if r["sigma"] is not None})
-    metrics = (("classifier_fd", "classifier-feature FD"), ("swd", "sliced W₁ (pixels)"),
-               ("memorised_fraction_train_pixel", "memorised fraction (train set, px)"),
-               ("recall", "recall (classifier features)"),
-               ("psnr", "PSNR of D^(k) vs clean (dB)"))
+    metrics = shown((("classifier_fd", "classifier-feature FD"), ("swd", "sliced W₁ (pixels)"),
+                     ("noise_sigma", "residual noise σ̂ (pixels)"),
+                     ("memorised_fraction_train_pixel", "memorised fraction (train set, px)"),
+                     ("recall", "recall (classifier features)"),
+                     ("psnr", "PSNR of D^(k) vs clean (dB)")), results)
     fig, axes = plt.subplots(len(sigmas), len(metrics), figsize=(4.3 * len(metrics),
                                                                  3.6 * len(sigmas)),
                              squeeze=False)

@@ -194,10 +194,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Distribution metrics of generated images (python -m sfbd_jax.evaluate, and SFBD rounds).
     c.eval = ml_collections.ConfigDict()
-    # Comma-separated: fid, kid, classifier_fd, swd, memorisation (nearest training images
-    # in pixels and features), precision_recall, density_coverage (in the evaluation features:
+    # Comma-separated: fid, kid, classifier_fd, swd, noise (residual pixel noise: a wavelet
+    # estimate of σ in the samples), memorisation (nearest training images in pixels and
+    # features), precision_recall, density_coverage (in the evaluation features:
     # Inception's when eval.inception_weights is set, the feature classifier's otherwise).
-    c.eval.metrics = "classifier_fd,swd,memorisation,precision_recall,density_coverage"
+    c.eval.metrics = "classifier_fd,swd,noise,memorisation,precision_recall,density_coverage"
     c.eval.num_samples = 50_000  # generated images per evaluation (EDM / SFBD papers: 50k).
     # SFBD: metrics after every round with this many samples; Ambient: at the end; 0 = off.
     c.eval.round_num_samples = 0

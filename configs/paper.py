@@ -22,5 +22,5 @@ def apply_paper_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
     c.sfbd.denoise_shard_size = 10_240
     # The papers' FID (needs --config.eval.inception_weights, see README) and, in the same
     # Inception features, memorisation and the quality/diversity split.
-    c.eval.metrics = "fid,memorisation,precision_recall,density_coverage"
+    c.eval.metrics = "fid,noise,memorisation,precision_recall,density_coverage"
     return c

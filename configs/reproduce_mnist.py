@@ -28,7 +28,7 @@ def get_config(variant: str = "sigma0.2"):
     c.ema.halflife_images = 10_000
     c.train.checkpoint_every_steps = 100
     c.train.sample_every_steps = 0
-    c.eval.metrics = "classifier_fd,swd,memorisation,precision_recall,density_coverage"
+    c.eval.metrics = "classifier_fd,swd,noise,memorisation,precision_recall,density_coverage"
     c.eval.num_samples = 500
     c.eval.round_num_samples = 500
     if variant == "sigma0.2":

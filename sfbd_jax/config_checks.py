@@ -20,8 +20,8 @@ CORRUPTION_PARAMS = {"gaussian_noise": ("sigma",), "gaussian_blur": ("sigma_px",
                      "mixed": ("mixture", "ood_classes", "ood_tfds_name", "ood_split")}
 ANNOTATIONS = ("fixed", "classifier", "file", "every_sigma", "exclude", "crops", "per_type")
 HIGH_NOISE = ("never", "fixed", "classifier")
-KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd", "memorisation", "precision_recall",
-                 "density_coverage")
+KNOWN_METRICS = ("fid", "kid", "classifier_fd", "swd", "noise", "memorisation",
+                 "precision_recall", "density_coverage")
 
 
 def parse_metrics(spec: str) -> tuple[str, ...]:

@@ -11,7 +11,14 @@ import scipy.stats
 from conftest import flip_bytes, tiny_config
 
 from sfbd_jax.data import sources
-from sfbd_jax.evaluation import classifier, distances, evaluator, inception, torch_pickle
+from sfbd_jax.evaluation import (
+    classifier,
+    distances,
+    evaluator,
+    inception,
+    noise_level,
+    torch_pickle,
+)
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -88,6 +95,79 @@ def test_sliced_wasserstein_matches_scipy_in_1d_and_per_direction():
     got = distances.sliced_wasserstein(x, y, num_projections=9, seed=7)
     assert got == pytest.approx(direct, rel=1e-10)
     assert distances.sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_noise_estimate_is_sigma_on_piecewise_linear_images_and_zero_on_clean_digits():
+    """Planes a + b·i + c·j (and constants) have no Haar diagonal detail, so white noise of σ
+    added to them is estimated at σ (the MAD of N(0, σ²) ÷ 0.6745) up to sampling error; clean
+    MNIST digits (flat background) read exactly 0, and with noise their estimate grows with σ,
+    above σ by the documented stroke bias."""
+    rng = np.random.default_rng(0)
+    i, j = np.meshgrid(np.arange(28.0), np.arange(28.0), indexing="ij")
+    a, b, c = (rng.uniform(-1, 1, (400, 1, 1)) for _ in range(3))
+    planes = (a + b * i / 28 + c * j / 28)[..., None]
+    assert np.all(noise_level.haar_diagonal(planes) == pytest.approx(0.0, abs=1e-12))
+    for sigma in (0.05, 0.2, 0.59):
+        noisy = planes + sigma * rng.standard_normal(planes.shape)
+        estimate = noise_level.noise_sigma(noisy)
+        assert estimate.shape == (400,)
+        # One image: 196 coefficients, the MAD's standard error ≈ 1.17σ/√196 ≈ 0.084σ; the
+        # mean of 400: ≈ 0.004σ (4 of them: 1.7%); the median's small-sample bias < 1%.
+        assert np.mean(estimate) == pytest.approx(sigma, rel=0.025)
+        assert 0.05 < np.std(estimate) / sigma < 0.12
+    digits = sources.load_mnist5k().images[::25].astype(np.float64)  # 200 digits
+    assert np.all(noise_level.noise_sigma(digits) == 0.0)
+    means = [np.mean(noise_level.noise_sigma(digits + s * rng.standard_normal(digits.shape)))
+             for s in (0.05, 0.2, 0.59)]
+    assert means[0] < means[1] < means[2]
+    ratios = [m / s for m, s in zip(means, (0.05, 0.2, 0.59), strict=True)]
+    assert 1.5 > ratios[0] > ratios[1] > ratios[2] > 1.0  # the strokes' bias, fading with σ
+    assert ratios[1] == pytest.approx(1.17, abs=0.05)  # as the module docstring says
+    # Clipping to [-1, 1] halves the noise on the background at -1: it reads lower.
+    clipped = np.clip(digits + 0.2 * rng.standard_normal(digits.shape), -1, 1)
+    assert 0.6 < np.mean(noise_level.noise_sigma(clipped)) / 0.2 < 0.8
+
+
+def test_noise_estimate_pools_channels_drops_an_odd_edge_and_refuses_bad_input():
+    rng = np.random.default_rng(1)
+    x = 0.3 * rng.standard_normal((50, 29, 27, 3))
+    got = noise_level.noise_sigma(x, chunk=7)
+    coefficients = noise_level.haar_diagonal(x)
+    assert coefficients.shape == (50, 14, 13, 3)
+    direct = np.median(np.abs(coefficients.reshape(50, -1)), axis=1) / 0.6744897501960817
+    np.testing.assert_allclose(got, direct, rtol=1e-12)  # chunks change nothing
+    assert np.mean(got) == pytest.approx(0.3, rel=0.03)
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        noise_level.noise_sigma(x[0])
+    with pytest.raises(ValueError, match="no 2×2 block"):
+        noise_level.noise_sigma(x[:, :1])
+    x[3, 4, 5, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="NaN"):
+        noise_level.noise_sigma(x)
+    assert noise_level.noise_sigma(x[:0]).shape == (0,)
+
+
+def test_evaluator_noise_metric_reads_zero_on_clean_digits_and_sigma_sized_on_noisy(tmp_path):
+    """The 'noise' metric: ~0 on the clean reference, σ-sized on noisy copies; the reference's
+    own value is reported beside it."""
+    from sfbd_jax.utils import devices
+
+    data = sources.load_mnist5k()
+    reference = sources.ImageDataset(data.images[::10], data.labels[::10], 10, "mnist500")
+    c = tiny_config(image_size=28)
+    c.eval.metrics, c.eval.cache_dir, c.eval.swd_projections = "swd,noise", str(tmp_path), 64
+    ev = evaluator.Evaluator(c, devices.make_data_mesh(), reference)
+    clean = ev.evaluate(reference.images)
+    rng = np.random.default_rng(0)
+    noisy = ev.evaluate(np.clip(reference.images + 0.2 * rng.standard_normal(
+        reference.images.shape), -1, 1))
+    assert clean["noise_sigma"] == 0.0 and clean["noise_sigma_reference"] == 0.0
+    assert noisy["noise_sigma_reference"] == 0.0
+    assert 0.12 < noisy["noise_sigma"] < 0.16  # clipped σ = 0.2 noise (see noise_level)
+    assert clean["swd"] == pytest.approx(0.0, abs=1e-12) and noisy["swd"] > 0
+    from sfbd_jax.evaluation import report
+
+    assert "residual noise" in report.summary_text(noisy, "t")
 
 
 # ----- Inception and its weights ---------------------------------------------------------

@@ -47,9 +47,10 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
         assert np.isfinite(r["classifier_fd"]) and r["swd"] > 0
         assert 0 <= r["memorised_fraction_train_pixel"] <= 1
         assert np.isfinite(r["d1_ratio_train_features"]) and 0 <= r["coverage"] <= 1
+        assert r["noise_sigma"] >= 0 and r["noise_sigma_reference"] == 0.0  # clean MNIST
     sfbd_dir = next(r["workdir"] for r in results if r["row"] == "sfbd")
     assert os.path.exists(os.path.join(sfbd_dir, "eval", "copies_round2.png"))
-    assert "memorised: train set, px" in text
+    assert "memorised: train set, px" in text and "residual noise σ̂" in text
     sfbd_psnr = [r["psnr"] for r in results if r["row"] == "sfbd"]
     assert all(np.isfinite(sfbd_psnr))
     # Online SFBD at SFBD's compute: at each evaluation point the same training images and
@@ -230,6 +231,23 @@ def test_final_table_keeps_each_rows_end_and_bolds_the_differences_the_seeds_sup
     assert lean[2] == "**6.00 ± 0.00**"  # round 2: FD 7 + 0.1·seed
     assert lean[3] == "0.0000 ± 0.0248"  # −0.01, 0, +0.01: the interval spans 0, plain
     assert lean[-2] == "1.00"  # compute ÷ SFBD's: 400 / 400
+    assert "residual noise" not in text  # no record holds it: the tables read as before
+
+    # A later metric: its column appears once some row holds it ('–' where a row lacks it),
+    # in the table and among the paired differences.
+    for r in results:
+        if r["row"] == "oracle" or (r["row"] == "sfbd" and r["seed"] < 2):
+            r["noise_sigma"] = 0.01 if r["row"] == "oracle" else 0.05 + 0.01 * r["seed"]
+    text = reproduce_mnist.final_table(results)
+    lines = text.splitlines()
+    assert lines[0].split(" | ")[4] == "residual noise σ̂ ↓"
+    by_label = {line.split(" | ")[1]: line.split(" | ") for line in lines if " | " in line}
+    assert by_label["(1) EDM on all clean (oracle)"][4] == "0.010 ± 0.000"
+    assert by_label["(4) SFBD round 4"][4] == "0.055 ± 0.064"  # seeds 0, 1: ± 12.71·0.01/√2
+    assert by_label["(4c) SFBD, half the rounds, more training: round 2"][4] == "–"
+    assert "| row − SFBD (last round) | classifier FD | sliced W₁ | residual noise σ̂ |" in text
+    assert by_label["(1) oracle"][4] == "-0.045 ± 0.064"  # −0.04, −0.05: spans 0, plain
+    assert by_label["(4c) SFBD, half the rounds"][4] == "–"
 
 
 def test_equal_compute_table_reads_the_rows_it_leaves_unchanged_from_another_archive(tmp_path):

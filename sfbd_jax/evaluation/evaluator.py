@@ -8,6 +8,10 @@ Metrics (``config.eval.metrics``, comma-separated):
                    probability) and the fraction it classifies with probability ≥ 0.9: how
                    many samples it recognises as a class
     swd            sliced 1-Wasserstein distance in pixel space ([-1, 1] scale)
+    noise          residual pixel noise: the mean over samples of each one's wavelet (Haar
+                   MAD) estimate of white-noise σ on the [-1, 1] scale (``noise_level``), and
+                   the same of the reference images (``noise_sigma_reference``, ~0 for clean
+                   data): sees corruption left in the samples that FD and SWD miss
     memorisation   nearest and second-nearest training image of every sample, in pixels and
                    in the evaluation features: the fraction memorised (d1/d2 below
                    eval.memorisation_threshold) and the median d1 against that of real images
@@ -39,7 +43,7 @@ from absl import logging
 
 from sfbd_jax.config_checks import KNOWN_METRICS, parse_metrics
 from sfbd_jax.data import sources
-from sfbd_jax.evaluation import distances, features, neighbours
+from sfbd_jax.evaluation import distances, features, neighbours, noise_level
 from sfbd_jax.evaluation.training_sets import TrainingImages
 from sfbd_jax.utils import images as images_lib
 from sfbd_jax.utils import integrity, jsonfile
@@ -125,6 +129,7 @@ class Evaluator:
         if "classifier_fd" in self.metrics or self.neighbour_space == "classifier":
             self.extractors.append(features.classifier_extractor(
                 cfg.classifier, self.reference, self.cache_dir, mesh, cfg.batch_size))
+        self._noise_sigma_reference: float | None = None  # 'noise': computed on first use
         self._reference_stats = {e.name: self._load_or_compute_reference(e)
                                  for e in self.extractors}
 
@@ -222,7 +227,17 @@ class Evaluator:
             result["swd"] = distances.sliced_wasserstein(
                 images, self.reference.images, num_projections=cfg.swd_projections,
                 seed=cfg.reference_seed)
+        if "noise" in self.metrics:
+            result["noise_sigma"] = float(np.mean(noise_level.noise_sigma(images)))
+            result["noise_sigma_reference"] = self._reference_noise_sigma()
         return result
+
+    def _reference_noise_sigma(self) -> float:
+        """The reference images' mean noise estimate (computed once, a few seconds)."""
+        if self._noise_sigma_reference is None:
+            self._noise_sigma_reference = float(np.mean(
+                noise_level.noise_sigma(self.reference.images)))
+        return self._noise_sigma_reference
 
     def _neighbour_metrics(self, images: np.ndarray, feats: np.ndarray,
                            extractor: features.Extractor, train: TrainingImages | None,

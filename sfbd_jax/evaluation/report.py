@@ -11,6 +11,9 @@ _ROWS = (
     ("classifier_fd", "classifier FD",
      "Fréchet distance in the feature classifier's features (lower is better)"),
     ("swd", "SWD", "sliced Wasserstein distance in pixels (lower is better)"),
+    ("noise_sigma", "residual noise",
+     "wavelet estimate of the pixel-noise σ left in the samples (real data: ~0; lower is "
+     "better)"),
     ("confident_fraction", "recognised",
      "share of samples the classifier labels with probability >= 0.9 (higher is better)"),
     ("precision", "precision", "share of samples near real images (fidelity; higher is better)"),

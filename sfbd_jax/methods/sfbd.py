@@ -290,6 +290,7 @@ class SFBDRun:
     @staticmethod
     def _log_table(summary: list) -> None:
         short = {"classifier_fd": "classifier_fd", "swd": "swd", "fid": "fid", "kid": "kid",
+                 "noise_sigma": "noise",
                  "memorised_fraction_train_pixel": "memorised", "d1_ratio_train_pixel": "d1_ratio",
                  "precision": "precision", "recall": "recall", "coverage": "coverage"}
         metric_names = [m for m in short if any(m in r for r in summary)]
