@@ -47,7 +47,10 @@ reads there the rows --out lacks, so the table is rebuilt from a committed folde
 that no longer has the runs: ``--out NEW --archive DIR --finished_only`` (the figures that need
 a run's files are then left out). ``--also_read DIR`` (repeatable) names further archives that
 are only read, never written: an ``--equal_compute`` table takes the rows it leaves unchanged
-(sfbd, online_sfbd, emdiffusion) from the main archive that way.
+(sfbd, online_sfbd, emdiffusion) from the main archive that way. ``--retrain_lacking KEY``
+trains a finished row again when its record lacks KEY, a metric added after it ran (e.g.
+``noise_sigma``), and replaces the record (in ``--archive``; a read-only archive is left as it
+is): the same seeds give the same run, so its other numbers should come back unchanged.
 Writes OUT/results.json, OUT/table.md (every row and round, then the paired differences),
 OUT/table_final.md (each row at the end of its budget, SFBD's reallocations also after their
 first round, and the differences to SFBD paired by seed, bold where the interval excludes 0:
@@ -201,13 +204,22 @@ def read_finished(out: str, archive: str, also_read: tuple[str, ...], config, se
     return [], ""
 
 
+def lacking(rows: list[dict], key: str) -> bool:
+    """Whether a finished row's results miss ``key`` (a metric added after it ran; "" = no
+    key is required)."""
+    return bool(key) and any(r.get(key) is None for r in rows)
+
+
 def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
             compute_dtype: str = "float32", equal_compute: bool = False,
-            archive: str = "", also_read: tuple[str, ...] = ()) -> list[dict]:
+            archive: str = "", also_read: tuple[str, ...] = (),
+            retrain_lacking: str = "") -> list[dict]:
     """Train (or resume) one row and return its result rows (one per SFBD round). A row
     finished in ``out``, kept in ``archive`` or in one of the read-only archives ``also_read``
-    is read back; a row finished here is copied into ``archive`` at once (so a session cut off
-    mid-command loses no finished row)."""
+    is read back, unless its results lack the metric ``retrain_lacking``: then it is trained
+    again (the same seeds, so the same run) and its record replaced. A row finished here is
+    copied into ``archive`` at once (so a session cut off mid-command loses no finished
+    row)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
@@ -220,7 +232,11 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
     finished, source = read_finished(out, archive, also_read, config, seed, variant, row,
                                      equal_compute)
     if finished:
-        return check_protocol(finished, config, source)
+        check_protocol(finished, config, source)
+        if not lacking(finished, retrain_lacking):
+            return finished
+        print(f"[reproduce] {source} lacks {retrain_lacking}: training the row again",
+              flush=True)
     start = time.time()
     if row in ("oracle", "noisy"):
         run._setup()
@@ -286,11 +302,13 @@ def with_compute(r: dict) -> dict:
 def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
             rows: tuple[str, ...] = ROW_ORDER, compute_dtype: str = "float32",
             finished_only: bool = False, equal_compute: bool = False,
-            archive: str = "", also_read: tuple[str, ...] = ()) -> list[dict]:
+            archive: str = "", also_read: tuple[str, ...] = (),
+            retrain_lacking: str = "") -> list[dict]:
     """The result rows of ``plan`` × ``rows``, training what is missing (``finished_only``:
     read back the finished rows only, train nothing). Rows are read from ``out`` or, failing
     that, from ``archive`` (and every row finished in ``out`` is kept there), or from the
-    read-only archives ``also_read``."""
+    read-only archives ``also_read``; those lacking the metric ``retrain_lacking`` are trained
+    again (``run_row``)."""
     unknown = set(rows) - set(ROW_ORDER)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; known: {ROW_ORDER}")
@@ -310,7 +328,7 @@ def collect(plan: list[tuple[int, str]], out: str, budget_scale: float = 1.0,
                 continue
             print(f"[reproduce] seed {seed} {variant} {row}", flush=True)
             results.extend(run_row(variant, seed, row, out, budget_scale, compute_dtype,
-                                   equal_compute, archive, also_read))
+                                   equal_compute, archive, also_read, retrain_lacking))
     return [with_compute(r) for r in results]
 
 
@@ -692,6 +710,9 @@ def main(argv: list[str] | None = None) -> str:
                         help="a read-only archive of rows to read when --out and --archive "
                              "lack them (repeatable), e.g. the SFBD rows, which --equal_compute "
                              "leaves as they are, from the main archive")
+    parser.add_argument("--retrain_lacking", default="",
+                        help="train a finished row again when its results lack this metric "
+                             "(e.g. noise_sigma, added after it ran); its record is replaced")
     args = parser.parse_args(argv)
     plan = [(0, "smoke")] if args.smoke else parse_plan(args.plan)
     devices.configure_cpu_devices(0)
@@ -703,7 +724,8 @@ def main(argv: list[str] | None = None) -> str:
     text = report(collect(plan, out, args.budget_scale, rows, args.compute_dtype,
                           args.finished_only, args.equal_compute,
                           os.path.abspath(args.archive) if args.archive else "",
-                          tuple(os.path.abspath(a) for a in args.also_read)), out)
+                          tuple(os.path.abspath(a) for a in args.also_read),
+                          args.retrain_lacking), out)
     print(text)
     print(f"[reproduce] done in {time.time() - start:.0f} s; figures and results in {out}")
     return text

@@ -285,6 +285,54 @@ def test_equal_compute_table_reads_the_rows_it_leaves_unchanged_from_another_arc
     assert sorted(os.walk(main_archive)) == before
 
 
+def test_retrain_lacking_trains_again_only_the_rows_without_the_metric(tmp_path, monkeypatch):
+    """--retrain_lacking noise_sigma: an archived row without the metric is trained again and
+    its record replaced in the archive (a read-only archive is left alone); a row that has it
+    is read back; without the flag every finished row is read back."""
+    from sfbd_jax import run as run_lib
+    from sfbd_jax.methods import ambient
+    from sfbd_jax.utils import jsonfile
+
+    archive, read_only, out = (str(tmp_path / name) for name in ("archive", "main", "out"))
+    config = reproduce_mnist.row_config("smoke", 0, "tweediediff", out)
+    old = {"classifier_fd": 5.0, "swd": 0.1, "round": None, "row": "tweediediff", "seed": 0,
+           "variant": "smoke", "sigma": 0.2, "train_images": config.train.total_images,
+           "workdir": ""}
+    trained = []
+
+    def fake_run(cfg, workdir):  # the row's training and evaluation, instantly
+        trained.append(workdir)
+        jsonfile.write_json(os.path.join(workdir, ambient.SUMMARY),
+                            {"classifier_fd": 5.0, "swd": 0.1, "noise_sigma": 0.02})
+
+    monkeypatch.setattr(run_lib, "run", fake_run)
+
+    def collect(**kwargs):
+        return reproduce_mnist.collect([(0, "smoke")], out, rows=("tweediediff",),
+                                       archive=archive, **kwargs)
+
+    for folder in (read_only, archive):
+        jsonfile.write_json(reproduce_mnist.row_record(folder, 0, "smoke", "tweediediff"),
+                            [old])
+    assert [r.get("noise_sigma") for r in collect(also_read=(read_only,))] == [None]
+    assert trained == []  # finished rows are read back
+    rows = collect(retrain_lacking="noise_sigma")
+    assert len(trained) == 1 and [r["noise_sigma"] for r in rows] == [0.02]
+    kept = jsonfile.read_json(reproduce_mnist.row_record(archive, 0, "smoke", "tweediediff"),
+                              [])
+    assert kept[0]["noise_sigma"] == 0.02 and kept[0]["classifier_fd"] == 5.0
+    assert collect(retrain_lacking="noise_sigma")[0]["noise_sigma"] == 0.02
+    assert len(trained) == 1  # it has the metric now: read back
+    # A row only in a read-only archive: trained again here, the read-only copy unchanged.
+    os.remove(reproduce_mnist.row_record(archive, 0, "smoke", "tweediediff"))
+    os.remove(reproduce_mnist.row_record(out, 0, "smoke", "tweediediff"))
+    rows = collect(also_read=(read_only,), retrain_lacking="noise_sigma")
+    assert len(trained) == 2 and rows[0]["noise_sigma"] == 0.02
+    untouched = jsonfile.read_json(reproduce_mnist.row_record(read_only, 0, "smoke",
+                                                              "tweediediff"), [])
+    assert untouched == [old]
+
+
 @pytest.mark.slow
 def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
     """``python -m sfbd_jax.evaluate`` on the oracle run: the same samples (fixed key) give the
