@@ -85,9 +85,14 @@ def fmt(values: list[float], digits: int, bold_nonzero: bool = False) -> str:
 
 def cells(group: list[dict], columns, bold_nonzero: bool = False) -> list[str]:
     """One formatted cell per (key, header, digits) column over the rows of ``group``
-    (``bold_nonzero``: see ``fmt``)."""
-    return [fmt([g[key] for g in group if g.get(key) is not None], digits, bold_nonzero)
-            for key, _, digits in columns]
+    (``bold_nonzero``: see ``fmt``); a cell over only some of the rows (a metric added after
+    the others ran) says how many: '0.169 (1 of 3)'."""
+    out = []
+    for key, _, digits in columns:
+        values = [g[key] for g in group if g.get(key) is not None]
+        partial = f" ({len(values)} of {len(group)})" if 0 < len(values) < len(group) else ""
+        out.append(fmt(values, digits, bold_nonzero) + partial)
+    return out
 
 
 def paired_table(results: list[dict], baseline: str, columns) -> str:

@@ -243,10 +243,11 @@ def test_final_table_keeps_each_rows_end_and_bolds_the_differences_the_seeds_sup
     assert lines[0].split(" | ")[4] == "residual noise σ̂ ↓"
     by_label = {line.split(" | ")[1]: line.split(" | ") for line in lines if " | " in line}
     assert by_label["(1) EDM on all clean (oracle)"][4] == "0.010 ± 0.000"
-    assert by_label["(4) SFBD round 4"][4] == "0.055 ± 0.064"  # seeds 0, 1: ± 12.71·0.01/√2
+    # Seeds 0, 1 of 3: ± 12.71·0.01/√2, and the cell says it covers 2 of the row's 3 seeds.
+    assert by_label["(4) SFBD round 4"][4] == "0.055 ± 0.064 (2 of 3)"
     assert by_label["(4c) SFBD, half the rounds, more training: round 2"][4] == "–"
     assert "| row − SFBD (last round) | classifier FD | sliced W₁ | residual noise σ̂ |" in text
-    assert by_label["(1) oracle"][4] == "-0.045 ± 0.064"  # −0.04, −0.05: spans 0, plain
+    assert by_label["(1) oracle"][4] == "-0.045 ± 0.064 (2 of 3)"  # spans 0: plain
     assert by_label["(4c) SFBD, half the rounds"][4] == "–"
 
 
