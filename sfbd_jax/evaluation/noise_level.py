@@ -6,11 +6,11 @@ and axis-aligned edge and keep white noise of standard deviation σ at exactly �
 absolute value ÷ 0.6745 (the median of |N(0, 1)|) estimates σ robustly (Donoho & Johnstone
 1994): exactly σ in expectation on images that are piecewise linear plus white noise. On clean
 MNIST digits, whose background is flat, it is 0. A digit's strokes make a minority of large
-coefficients, which push the median up a few ranks: on MNIST digits with N(0, σ²) pixel noise
-added it reads 1.17σ at σ = 0.2 and 1.04σ at σ = 0.59 (1.4σ at σ = 0.02). Noise clipped to
-[−1, 1] on a background at −1 reads lower (0.69σ at σ = 0.2: the negative half is cut), so
-compare rows measured the same way; the number ranks images by residual noise, it is not an
-unbiased σ.
+coefficients, which push the median up a few ranks: on the 5,000 MNIST digits with N(0, σ²)
+pixel noise added it reads 1.14σ at σ = 0.2 and 1.03σ at σ = 0.59 (1.33σ at σ = 0.02). Noise
+clipped to [−1, 1] on a background at −1 reads lower (0.66σ at σ = 0.2: the negative half is
+cut), so compare rows measured the same way; the number ranks images by residual noise, it is
+not an unbiased σ.
 
 Why the evaluation needs it: at σ_ζ = 0.2 neither the classifier FD nor the sliced W₁ ranks
 samples that still carry the corruption below clean ones (benchmarks/RESULTS.md).
