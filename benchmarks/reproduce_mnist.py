@@ -529,15 +529,16 @@ def plot_metrics(results: list[dict], path: str) -> None:
                                                 ("emdiffusion", "^:", "tab:green",
                                                  "EMDiffusion")):
                 sf = [r for r in results if r["row"] == method and r["sigma"] == sigma]
-                seeds = sorted({r["seed"] for r in sf})
+                # The seeds that hold this metric (one added later may lack it on some).
+                seeds = sorted({r["seed"] for r in sf if r.get(key) is not None})
                 for seed in seeds:
                     pts = sorted((r["compute_kfpe"], r.get(key)) for r in sf
                                  if r["seed"] == seed and r.get(key) is not None)
-                    if pts:
-                        ax.plot(*zip(*pts, strict=True), marker, color=color, alpha=0.75,
-                                linewidth=1, markersize=4,
-                                label=f"{name} (seeds {','.join(map(str, seeds))})"
-                                if seed == seeds[0] else None)
+                    ax.plot(*zip(*pts, strict=True), marker, color=color, alpha=0.75,
+                            linewidth=1, markersize=4,
+                            label=f"{name} (seed{'s' * (len(seeds) > 1)} "
+                                  f"{','.join(map(str, seeds))})"
+                            if seed == seeds[0] else None)
             if key != "psnr":
                 for row, style in (("oracle", "g--"), ("clean_only", "r:"), ("noisy", "k-."),
                                    ("tweediediff", "m-")):
