@@ -50,7 +50,8 @@ are only read, never written: an ``--equal_compute`` table takes the rows it lea
 (sfbd, online_sfbd, emdiffusion) from the main archive that way. ``--retrain_lacking KEY``
 trains a finished row again when its record lacks KEY, a metric added after it ran (e.g.
 ``noise_sigma``), and replaces the record (in ``--archive``; a read-only archive is left as it
-is): the same seeds give the same run, so its other numbers should come back unchanged.
+is). Runs from the same seeds are close but not bit-identical on CPU, so its other numbers
+move by about run-to-run noise (RESULTS.md, σ_ζ = 0.2: up to the seed-to-seed spread).
 Writes OUT/results.json, OUT/table.md (every row and round, then the paired differences),
 OUT/table_final.md (each row at the end of its budget, SFBD's reallocations also after their
 first round, and the differences to SFBD paired by seed, bold where the interval excludes 0:
@@ -217,9 +218,9 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
     """Train (or resume) one row and return its result rows (one per SFBD round). A row
     finished in ``out``, kept in ``archive`` or in one of the read-only archives ``also_read``
     is read back, unless its results lack the metric ``retrain_lacking``: then it is trained
-    again (the same seeds, so the same run) and its record replaced. A row finished here is
-    copied into ``archive`` at once (so a session cut off mid-command loses no finished
-    row)."""
+    again (the same seeds; close to, not bit-identical with, the first run) and its record
+    replaced. A row finished here is copied into ``archive`` at once (so a session cut off
+    mid-command loses no finished row)."""
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
