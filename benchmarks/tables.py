@@ -98,8 +98,8 @@ def cells(group: list[dict], columns, bold_nonzero: bool = False) -> list[str]:
 def paired_table(results: list[dict], baseline: str, columns) -> str:
     """Markdown table of each row's difference to ``baseline`` on the same seed, mean ± 95%
     interval over the seeds both have (rows compared paired: the seed-to-seed spread of a
-    metric is often larger than the rows' differences). ``columns``: (key, header, digits).
-    Empty when no result is of ``baseline``."""
+    metric is often larger than the rows' differences), in bold where the interval excludes 0.
+    ``columns``: (key, header, digits). Empty when no result is of ``baseline``."""
     base = {r["seed"]: r for r in results if r["row"] == baseline}
     if not base:
         return ""
@@ -119,7 +119,11 @@ def paired_table(results: list[dict], baseline: str, columns) -> str:
 
 
 def _signed(values: list[float], digits: int) -> str:
+    """A difference: '+m' for one value, '+m ± h' for several, bold when ±h excludes 0."""
     if not values:
         return "–"
     mean, half = mean_ci(values)
-    return f"{mean:+.{digits}f}" + ("" if len(values) == 1 else f" ± {half:.{digits}f}")
+    if len(values) == 1:
+        return f"{mean:+.{digits}f}"
+    text = f"{mean:+.{digits}f} ± {half:.{digits}f}"
+    return f"**{text}**" if abs(mean) > half else text

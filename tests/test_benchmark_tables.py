@@ -21,12 +21,16 @@ def test_paired_table_differences_by_seed():
     results = [{"row": "base", "seed": s, "fd": f} for s, f in ((0, 10.0), (1, 20.0), (2, 30.0))]
     # 'better' is 1, 2, 3 below the baseline of its own seed; unpaired its mean is 18 ± 25.
     results += [{"row": "better", "seed": s, "fd": f} for s, f in ((0, 9.0), (1, 18.0), (2, 27.0))]
+    # 'steady' is 1.0, 1.1, 0.9 above it: an interval that excludes 0, so the cell is bold.
+    results += [{"row": "steady", "seed": s, "fd": f} for s, f in ((0, 11.0), (1, 21.1), (2, 30.9))]
     results += [{"row": "alone", "seed": 7, "fd": 1.0}]  # no baseline on seed 7: left out
     text = tables.paired_table(results, "base", (("fd", "FD", 2),))
     lines = text.splitlines()
     assert lines[0] == "| row − base (same seed) | FD | seeds |"
     mean, half = tables.mean_ci([-1.0, -2.0, -3.0])
-    assert lines[2] == f"| better | {mean:+.2f} ± {half:.2f} | 0,1,2 |" and len(lines) == 3
+    assert lines[2] == f"| better | {mean:+.2f} ± {half:.2f} | 0,1,2 |"  # spans 0: plain
+    mean, half = tables.mean_ci([1.0, 1.1, 0.9])
+    assert lines[3] == f"| steady | **{mean:+.2f} ± {half:.2f}** | 0,1,2 |" and len(lines) == 4
     assert tables.paired_table(results, "missing", (("fd", "FD", 2),)) == ""
 
 
