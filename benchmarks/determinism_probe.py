@@ -100,7 +100,9 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(_child(args.child, args.unet_images)), flush=True)
         return
-    print(f"# {os.cpu_count()} CPUs on this machine; {os.uname().machine}", flush=True)
+    import tables
+
+    print(f"# {tables.machine()}", flush=True)
     print("kind        cores  sha256 (first 16)  final loss      same as first  seconds")
     for kind in args.kinds.split(","):
         first = None

@@ -221,6 +221,8 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
     again (the same seeds; close to, not bit-identical with, the first run) and its record
     replaced. A row finished here is copied into ``archive`` at once (so a session cut off
     mid-command loses no finished row)."""
+    import jax
+
     from sfbd_jax import evaluate, run
     from sfbd_jax.methods import ambient, sfbd
     from sfbd_jax.training import loop
@@ -270,11 +272,13 @@ def run_row(variant: str, seed: int, row: str, out: str, budget_scale: float,
                  "denoise_gradients": r.get("denoise_gradients")}
                 for r in sorted(summary, key=lambda r: r["round"])]
     seconds = time.time() - start
+    # Where it ran: a same-seed re-run repeats bit for bit only on the same CPU and core count.
+    where = f"{tables.machine()} at the end; jax {jax.__version__}"
     for r in rows:
         r.update(row=row, seed=seed, sigma=None if shared_row(row, equal_compute)
                  else config.corrupt.sigma, variant=variant, seconds=seconds,
                  train_images=config.train.total_images, workdir=workdir,
-                 compute_dtype=compute_dtype)
+                 compute_dtype=compute_dtype, machine=where)
     tables.record_row(rows, done_path, kept)
     return rows
 

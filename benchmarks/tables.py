@@ -17,9 +17,32 @@ NEIGHBOUR_COLUMNS = (
     ("density", "density", 3), ("coverage", "coverage ↑", 3))
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor: its name, family/model/stepping and whether it has AVX-512 (XLA's CPU
+    kernels, hence the last bits of a training run, depend on it and on the core count:
+    benchmarks/determinism_probe.py); the platform's word for it where /proc/cpuinfo is
+    missing (macOS)."""
+    import platform
+
+    try:
+        with open(cpuinfo) as f:
+            text = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    ident = "/".join(fields[k] for k in ("cpu family", "model", "stepping") if k in fields)
+    avx512 = "avx512f" in fields.get("flags", "").split()
+    return f"{name}" + (f" (family/model/stepping {ident})" if ident else "") + (
+        ", AVX-512" if avx512 else "")
+
+
 def machine() -> str:
     """The machine and its load average now (for the evidence's 'machine and load')."""
-    return f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
+    return f"{cpu_model()}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
 
 
 def archived_file(archive: str, seed: int, row: str) -> str:

@@ -67,3 +67,17 @@ def test_cep_paired_tables_pair_each_guidance_with_the_clean_row_of_its_seed():
     assert f"| flip5 | {mean:+.2f} ± {half:.2f} | – | – | – | – | 0,1 |" in blocks[1]
     assert "| flip5 | +0.50 | – | – | – | – | 0 |" in blocks[2]
     assert cep_mnist.paired_tables([row("flip5", 0, 11.0)]) == ""
+
+
+def test_cpu_model_names_the_processor_and_its_instruction_set(tmp_path):
+    info = tmp_path / "cpuinfo"
+    processor = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                 "model name\t: AMD EPYC 9654\nstepping\t: 1\nflags\t\t: fpu sse2 avx2 {extra}\n")
+    info.write_text(processor.format(n=0, extra="avx512f avx512bw") + "\n"
+                    + processor.format(n=1, extra="avx512f"))
+    assert tables.cpu_model(str(info)) == ("AMD EPYC 9654 (family/model/stepping 25/17/1), "
+                                           "AVX-512")
+    info.write_text(processor.format(n=0, extra="avx512vl"))  # no avx512f: not AVX-512
+    assert tables.cpu_model(str(info)).endswith("25/17/1)")
+    assert tables.cpu_model(str(tmp_path / "missing"))  # the platform's word for it
+    assert "CPU cores, load average" in tables.machine()
