@@ -73,6 +73,9 @@ def _pinned(cores: set[int]):
 
 
 def _run_child(kind: str, cores: str, unet_images: int) -> dict:
+    if not hasattr(os, "sched_setaffinity"):
+        raise SystemExit("determinism_probe pins processes to cores with os.sched_setaffinity, "
+                         "which this platform lacks (it is Linux-only)")
     core_set = {int(c) for c in cores.split(",")}
     available = os.sched_getaffinity(0)
     if not core_set <= available:
@@ -94,7 +97,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kinds", default="classifier,unet")
     parser.add_argument("--cores", nargs="+", default=["0,1", "0,1", "0"],
                         help="one process per entry, pinned to these comma-separated cores")
-    parser.add_argument("--unet_images", type=int, default=512)
+    parser.add_argument("--unet_images", type=int, default=256)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
