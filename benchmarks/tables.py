@@ -94,15 +94,18 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
                                   / np.sqrt(len(v)))
 
 
-def fmt(values: list[float], digits: int, bold_nonzero: bool = False) -> str:
+def fmt(values: list[float], digits: int, bold_nonzero: bool = False,
+        signed: bool = False) -> str:
     """'–' for none, the value for one, 'mean ± 95% half-width' for several; ``bold_nonzero``
-    (for differences): the cell in Markdown bold when the interval excludes 0."""
+    (for differences): the cell in Markdown bold when the interval excludes 0; ``signed``: the
+    mean (or the value) with its sign, '+0.12'."""
     if not values:
         return "–"
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
+        return f"{values[0]:{sign}.{digits}f}"
     mean, half = mean_ci(values)
-    text = f"{mean:.{digits}f} ± {half:.{digits}f}"
+    text = f"{mean:{sign}.{digits}f} ± {half:.{digits}f}"
     return f"**{text}**" if bold_nonzero and abs(mean) > half else text
 
 
@@ -136,17 +139,8 @@ def paired_table(results: list[dict], baseline: str, columns) -> str:
                   if r.get(k) is not None and base[r["seed"]].get(k) is not None]
                  for k, _, _ in columns]
         lines.append(f"| {row} | " + " | ".join(
-            _signed(d, digits) for d, (_, _, digits) in zip(diffs, columns, strict=True))
+            fmt(d, digits, bold_nonzero=True, signed=True)
+            for d, (_, _, digits) in zip(diffs, columns, strict=True))
             + " | " + ",".join(str(r["seed"]) for r in group) + " |")
     return "\n".join(lines)
 
-
-def _signed(values: list[float], digits: int) -> str:
-    """A difference: '+m' for one value, '+m ± h' for several, bold when ±h excludes 0."""
-    if not values:
-        return "–"
-    mean, half = mean_ci(values)
-    if len(values) == 1:
-        return f"{mean:+.{digits}f}"
-    text = f"{mean:+.{digits}f} ± {half:.{digits}f}"
-    return f"**{text}**" if abs(mean) > half else text
