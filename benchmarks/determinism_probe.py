@@ -8,7 +8,8 @@ pool from the cores a process may use):
 * ``unet``: the table's 1.26 M-parameter U-Net (configs/reproduce_mnist.py) trained as plain
   EDM on the digits for ``--unet_images`` images.
 
-For each, the sha256 of all trained parameters (and the classifier's final loss) per core set.
+For each, the sha256 of all trained parameters (``integrity.tree_digest``) and the classifier's
+final loss, per core set.
 Equal hashes within a core set say a re-run on the same machine repeats the run bit for bit;
 differing hashes across core sets say the kernels' floating-point results depend on the thread
 count, so a re-run on a machine with other cores (or another CPU) starts from different last
@@ -21,7 +22,6 @@ bits, which training amplifies.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -32,27 +32,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _params_sha256(tree) -> str:
-    import jax
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return digest.hexdigest()
-
-
 def _child(kind: str, unet_images: int) -> dict:
     """One training in this process; its parameter hash (and loss where there is one)."""
     from configs import reproduce_mnist
     from sfbd_jax.data import sources
+    from sfbd_jax.utils.integrity import tree_digest
 
     config = reproduce_mnist.get_config("sigma0.2")
     if kind == "classifier":
         from sfbd_jax.evaluation import classifier
 
         trained = classifier.train(config.eval.classifier, sources.load_mnist5k())
-        return {"sha256": _params_sha256(trained.params),
+        return {"sha256": tree_digest(trained.params),
                 "final_loss": trained.meta["final_loss"]}
     if kind == "unet":
         from sfbd_jax.run import run
@@ -63,7 +54,7 @@ def _child(kind: str, unet_images: int) -> dict:
         config.train.checkpoint_every_steps = 10_000
         with tempfile.TemporaryDirectory() as workdir:
             state = run(config, workdir)
-            return {"sha256": _params_sha256((state.params, state.ema_params)),
+            return {"sha256": tree_digest((state.params, state.ema_params)),
                     "final_loss": None}
     raise ValueError(f"unknown kind {kind!r}: 'classifier' or 'unet'")
 
@@ -106,14 +97,14 @@ def main(argv=None) -> None:
     import tables
 
     print(f"# {tables.machine()}", flush=True)
-    print("kind        cores  sha256 (first 16)  final loss      same as first  seconds")
+    print("kind        cores  sha256 (16 hex)    final loss      same as first  seconds")
     for kind in args.kinds.split(","):
         first = None
         for cores in args.cores:
             row = _run_child(kind, cores, args.unet_images)
             first = first or row["sha256"]
             loss = "" if row["final_loss"] is None else f"{row['final_loss']:.10f}"
-            print(f"{kind:<11} {cores:<6} {row['sha256'][:16]}   {loss:<15} "
+            print(f"{kind:<11} {cores:<6} {row['sha256']}   {loss:<15} "
                   f"{'yes' if row['sha256'] == first else 'NO':<14} {row['seconds']:.0f}",
                   flush=True)
 
