@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+import tables  # noqa: E402  (this folder's helpers: the script's folder is on sys.path)
 
 CONFIG_A = dict(base_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(16,),
                 num_heads=1, dropout=0.1, embedding_type="positional", image_size=32,
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not rows:
         raise SystemExit("no row was measured")
     text = table(rows, load)
-    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    info = {"machine": f"{tables.cpu_model()}, {os.cpu_count()} CPU cores",
             "versions": {"jax": rows[0]["jax"]["versions"],
                          "torch": rows[0]["torch"]["versions"]}, "load": load,
             "args": vars(args), "rows": rows}
