@@ -8,11 +8,14 @@ the metrics of ``config.eval.metrics`` go to DIR/eval/<tag>.json and TensorBoard
 memorisation is measured against the images the run trained on (``training_sets``) and the
 most-copied samples beside their nearest training images go to DIR/eval/<tag>_copies.png.
 A conditional model sampled with guidance w ≠ 1 is recorded beside the plain result, in
-DIR/eval/<tag>_guidance<w>.json and under ``eval_guidance<w>/``.
+DIR/eval/<tag>_guidance<w>.json and under ``eval_guidance<w>/``; one sampled with another
+``sampler.num_steps`` than the run recorded in DIR/config.json in DIR/eval/<tag>_steps<N>.json
+(benchmarks/sampler_steps.py). Every record names its ``sampler_num_steps``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -61,6 +64,17 @@ def load_params(experiment: loop.Experiment, workdir: str, checkpoint: str = "la
     return state.ema_params, int(state.step), tag
 
 
+def run_sampler_steps(workdir: str, default: int) -> int:
+    """The sampler step count the run in ``workdir`` recorded (its config.json: the one its
+    own evaluations used); ``default`` when it recorded none."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        recorded = json.load(f)
+    return int(recorded.get("sampler", {}).get("num_steps", default))
+
+
 def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
     """Evaluate one checkpoint of the run in ``workdir``; returns (and records) the metrics."""
     from clu import metric_writers
@@ -72,10 +86,13 @@ def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
     workdir = os.path.abspath(workdir)
     experiment = loop.Experiment(config)
     params, step, checkpoint_tag = load_params(experiment, workdir, checkpoint)
-    # A guided evaluation is recorded beside, not over, the plain one (file and TensorBoard).
+    # A guided evaluation, or one with another sampler step count than the run trained with,
+    # is recorded beside, not over, the plain one (file and TensorBoard).
     conditional = config.model.num_classes > 0
     suffix = (f"_guidance{config.sampler.guidance:g}"
               if conditional and config.sampler.guidance != 1.0 else "")
+    if config.sampler.num_steps != run_sampler_steps(workdir, config.sampler.num_steps):
+        suffix += f"_steps{config.sampler.num_steps}"
     tag = checkpoint_tag + suffix
     evaluator = evaluator_lib.Evaluator(config, experiment.mesh)
     logging.info("Evaluating %s (training step %d) with %d samples: %s.", tag, step,
@@ -85,7 +102,7 @@ def evaluate(config, workdir: str, checkpoint: str = "latest") -> dict:
     result = evaluator.evaluate_model(
         experiment, params, config.eval.num_samples, evaluator_lib.evaluation_key(config),
         train=train, copies_path=os.path.join(workdir, "eval", f"{tag}_copies.png"))
-    result.update(checkpoint=checkpoint_tag, step=step)
+    result.update(checkpoint=checkpoint_tag, step=step, sampler_num_steps=config.sampler.num_steps)
     if conditional:
         result["guidance"] = float(config.sampler.guidance)
     path = evaluator_lib.write_result(workdir, tag, result)

@@ -81,3 +81,29 @@ def test_cpu_model_names_the_processor_and_its_instruction_set(tmp_path):
     assert tables.cpu_model(str(info)).endswith("25/17/1)")
     assert tables.cpu_model(str(tmp_path / "missing"))  # the platform's word for it
     assert "CPU cores, load average" in tables.machine()
+
+
+def test_sampler_steps_table_pairs_each_step_count_with_the_fewest_on_the_same_seed():
+    import sampler_steps
+
+    def record(seed, steps, fd, noise):
+        return {"seed": seed, "variant": "sigma0.2", "row": "sfbd", "steps": steps,
+                "classifier_fd": fd, "noise_sigma": noise}
+
+    records = [record(s, 10, fd, 0.07) for s, fd in ((0, 3.0), (1, 5.0), (2, 4.0))]
+    # 18 levels: FD 0.2, 0.3, 0.1 lower on each seed (the interval spans 0: plain); σ̂ −0.02 on
+    # every seed (a zero-width interval excluding 0: bold).
+    records += [record(s, 18, fd, 0.05) for s, fd in ((0, 2.8), (1, 4.7), (2, 3.9))]
+    records += [record(1, 32, 4.6, 0.04)]  # one seed only: a bare value
+    lines = sampler_steps.table(records).splitlines()
+    assert lines[2].startswith("| sigma0.2 | sfbd | 10 (19) | 4.00 ± ")
+    assert lines[3].startswith("| sigma0.2 | sfbd | 18 (35) | ")
+    assert lines[4].startswith("| sigma0.2 | sfbd | 32 (63) | 4.60 | ")
+    assert lines[4].endswith("| 1 |")
+    diff18 = next(line for line in lines if line.startswith("| sigma0.2 | sfbd | 18 − 10 |"))
+    mean, half = tables.mean_ci([-0.2, -0.3, -0.1])
+    cells = [c.strip() for c in diff18.split("|")[1:-1]]
+    assert half > abs(mean) and cells[3] == f"{mean:+.2f} ± {half:.2f}"
+    assert cells[5] == "**-0.020 ± 0.000**" and cells[-1] == "0,1,2"
+    diff32 = next(line for line in lines if line.startswith("| sigma0.2 | sfbd | 32 − 10 |"))
+    assert "| -0.40 |" in diff32 and diff32.endswith("| 1 |")

@@ -385,6 +385,56 @@ def test_evaluate_command_on_a_reproduction_checkpoint(smoke_run):
         run_evaluation(config, workdir)
 
 
+@pytest.mark.slow
+def test_sampler_steps_reevaluates_the_final_checkpoints_beside_the_recorded_metrics(
+        smoke_run, tmp_path, monkeypatch):
+    """benchmarks/sampler_steps.py on the smoke runs: the run's own step count reproduces the
+    metrics the reproduction recorded, another one is kept beside them, and records are read
+    back, not measured again."""
+    import sampler_steps
+
+    out, _, _ = smoke_run
+    target, archive = str(tmp_path / "steps"), str(tmp_path / "kept")
+    args = ["--runs", out, "--out", target, "--archive", archive, "--plan", "0:smoke,1:smoke",
+            "--rows", "sfbd,oracle", "--steps", "6,4"]
+    text = sampler_steps.main(args)
+    with open(os.path.join(target, "sampler_steps.json")) as f:
+        records = {(r["row"], r["steps"]): r for r in json.load(f)}
+    assert sorted(records) == [("oracle", 4), ("oracle", 6), ("sfbd", 4), ("sfbd", 6)]
+    for row, round_ in (("sfbd", 2), ("oracle", None)):
+        workdir = reproduce_mnist.row_workdir(out, 0, "smoke", row)
+        with open(os.path.join(workdir, "reproduce_row.json")) as f:
+            recorded = next(r for r in json.load(f) if r["round"] == round_)
+        same = records[(row, 4)]  # the smoke config's own sampler.num_steps
+        for key in ("classifier_fd", "swd", "noise_sigma", "recall"):
+            assert same[key] == pytest.approx(recorded[key], rel=1e-6), (row, key)
+        finer = records[(row, 6)]
+        assert finer["classifier_fd"] != same["classifier_fd"]
+        assert finer["sampler_num_steps"] == 6 and same["sampler_num_steps"] == 4
+        evaluations = os.listdir(os.path.join(workdir, "eval"))
+        assert any(name.endswith("_steps6.json") for name in evaluations)
+        assert not any("_steps4" in name for name in evaluations)  # the run's own count
+    assert records[("sfbd", 4)]["checkpoint"] == "round:2"
+    assert "| smoke | sfbd | 4 (7) | " in text and "| smoke | sfbd | 6 − 4 | " in text
+    # Seed 1 was not trained here: skipped. Re-running reads every record back (here, or from
+    # the archive on a machine without the runs) and measures nothing.
+    real_measure = sampler_steps.measure
+
+    def measure_only_seed_1(runs, seed, *args):
+        assert seed == 1, "a kept record was measured again"
+        return real_measure(runs, seed, *args)  # not trained here: looked for, skipped
+
+    monkeypatch.setattr(sampler_steps, "measure", measure_only_seed_1)
+    assert sampler_steps.main(args) == text
+    assert sampler_steps.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "b"),
+                               "--archive", archive, "--plan", "0:smoke", "--rows",
+                               "sfbd,oracle", "--steps", "4,6", "--finished_only"]) == text
+    with pytest.raises(ValueError, match="unknown rows"):
+        sampler_steps.main(["--runs", out, "--out", target, "--rows", "sfdb"])
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        sampler_steps.main(["--runs", out, "--out", target, "--steps", "1,4"])
+
+
 def test_gmm_convergence_smoke(tmp_path):
     result = gmm_convergence.main(["--variant", "smoke", "--out", str(tmp_path),
                                    "--online_rules", "fixed,adaptive"])
