@@ -15,7 +15,6 @@ DIR/eval/<tag>_guidance<w>.json and under ``eval_guidance<w>/``; one sampled wit
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING
 
@@ -67,11 +66,9 @@ def load_params(experiment: loop.Experiment, workdir: str, checkpoint: str = "la
 def run_sampler_steps(workdir: str, default: int) -> int:
     """The sampler step count the run in ``workdir`` recorded (its config.json: the one its
     own evaluations used); ``default`` when it recorded none."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        recorded = json.load(f)
+    from sfbd_jax.training import loop
+
+    recorded = loop.read_run_config(workdir)
     return int(recorded.get("sampler", {}).get("num_steps", default))
 
 

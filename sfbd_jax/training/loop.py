@@ -386,13 +386,21 @@ def phase_end_loss(workdir: str, tag: str, step_now: int) -> float:
     return float(entry["loss"]) if entry and entry["step"] == int(step_now) else float("nan")
 
 
+RUN_CONFIG = "config.json"  # the run's config as first recorded, with every seed
+
+
+def read_run_config(workdir: str) -> dict:
+    """The config the run in ``workdir`` recorded (``write_run_config``); {} when none."""
+    return jsonfile.read_json(os.path.join(workdir, RUN_CONFIG), {})
+
+
 def write_run_config(config, workdir: str) -> None:
     """Record the config (with every seed) in ``workdir/config.json``; when resuming, keep the
     first record and log the keys whose values changed."""
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, RUN_CONFIG)
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         with open(path) as f:
