@@ -123,13 +123,13 @@ def table(records: list[dict]) -> str:
         for n in sorted(by_steps)[1:]:
             group = sorted((r for r in by_steps[n] if r["seed"] in base),
                            key=lambda r: r["seed"])
-            diffs = [[r[k] - base[r["seed"]][k] for r in group
-                      if r.get(k) is not None and base[r["seed"]].get(k) is not None]
-                     for k, _, _ in COLUMNS]
-            lines.append(f"| {variant} | {row} | {n} − {fewest} | " + " | ".join(
-                tables.fmt(d, digits, bold_nonzero=True, signed=True)
-                for d, (_, _, digits) in zip(diffs, COLUMNS, strict=True))
-                + f" | {','.join(str(g['seed']) for g in group)} |")
+            diffs = [{k: r[k] - base[r["seed"]][k] for k, _, _ in COLUMNS
+                      if r.get(k) is not None and base[r["seed"]].get(k) is not None}
+                     for r in group]
+            lines.append(f"| {variant} | {row} | {n} − {fewest} | "
+                         + " | ".join(tables.cells(diffs, COLUMNS, bold_nonzero=True,
+                                                   signed=True))
+                         + f" | {','.join(str(g['seed']) for g in group)} |")
     return "\n".join(lines)
 
 

@@ -109,15 +109,16 @@ def fmt(values: list[float], digits: int, bold_nonzero: bool = False,
     return f"**{text}**" if bold_nonzero and abs(mean) > half else text
 
 
-def cells(group: list[dict], columns, bold_nonzero: bool = False) -> list[str]:
+def cells(group: list[dict], columns, bold_nonzero: bool = False,
+          signed: bool = False) -> list[str]:
     """One formatted cell per (key, header, digits) column over the rows of ``group``
-    (``bold_nonzero``: see ``fmt``); a cell over only some of the rows (a metric added after
-    the others ran) says how many: '0.169 (1 of 3)'."""
+    (``bold_nonzero``, ``signed``: see ``fmt``); a cell over only some of the rows (a metric
+    added after the others ran) says how many: '0.169 (1 of 3)'."""
     out = []
     for key, _, digits in columns:
         values = [g[key] for g in group if g.get(key) is not None]
         partial = f" ({len(values)} of {len(group)})" if 0 < len(values) < len(group) else ""
-        out.append(fmt(values, digits, bold_nonzero) + partial)
+        out.append(fmt(values, digits, bold_nonzero, signed) + partial)
     return out
 
 
