@@ -254,3 +254,34 @@ def test_a_failed_preparation_leaves_nothing_behind(tmp_path):
     with pytest.raises(ValueError, match="bad.png"):
         prepare.prepare(config)
     assert sorted(os.listdir(tmp_path)) == ["imgs"]  # no data/, no data.partial/
+
+
+def test_a_damaged_run_record_is_named_not_read_as_missing(tmp_path):
+    """A run record cut short (config.json here) stops the command with one line naming the
+    file; it is neither read as absent nor overwritten. A first record is written whole (no
+    temporary file left) and kept when the run resumes with other values."""
+    from configs import sfbd_smoke
+    from sfbd_jax.training import loop
+
+    config = sfbd_smoke.get_config()
+    loop.write_run_config(config, str(tmp_path / "fresh"))
+    assert os.listdir(tmp_path / "fresh") == [loop.RUN_CONFIG]
+    first = loop.read_run_config(str(tmp_path / "fresh"))
+    assert first["seed"] == config.seed
+    with config.unlocked():
+        config.seed = config.seed + 1
+    loop.write_run_config(config, str(tmp_path / "fresh"))
+    assert loop.read_run_config(str(tmp_path / "fresh")) == first
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    whole = (tmp_path / "fresh" / loop.RUN_CONFIG).read_text()
+    (damaged / loop.RUN_CONFIG).write_text(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        loop.read_run_config(str(damaged))
+    line = assert_one_line_error(
+        run_cli("--config", "configs/sfbd_smoke.py", "--workdir", str(damaged),
+                "--config.mode=edm", "--config.train.total_images=64"),
+        str(damaged / loop.RUN_CONFIG), "not valid JSON")
+    assert "mend or remove it" in line
+    assert (damaged / loop.RUN_CONFIG).read_text() == whole[: len(whole) // 2]

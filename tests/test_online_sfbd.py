@@ -154,10 +154,10 @@ def test_online_sfbd_resumes_bit_identically_after_kills(tmp_path, image_folder,
     kill_after_save = kill_after_checkpoint
 
     def kill_in_refresh(j_kill):
-        def write_json(path, value):  # the refresh's images are written, its record not yet
+        def write_json(path, value, **kwargs):  # the refresh's images are written, not its record
             if path.endswith(f"refresh_{j_kill:08d}.json"):
                 raise KeyboardInterrupt("killed inside a refresh")
-            real_write(path, value)
+            real_write(path, value, **kwargs)
         return write_json
 
     def kill_after_refresh(j_kill):
@@ -302,10 +302,10 @@ def test_adaptive_refresh_resumes_bit_identically(
     workdir = str(tmp_path / "killed")
     real_refresh, real_write = online.OnlineSFBDRun._refresh, jsonfile.write_json
 
-    def kill_in_refresh(path, value):
+    def kill_in_refresh(path, value, **kwargs):
         if path.endswith(f"refresh_{4:08d}.json"):
             raise KeyboardInterrupt("killed inside a refresh")
-        real_write(path, value)
+        real_write(path, value, **kwargs)
 
     def kill_after_refresh(self, j, state):
         real_refresh(self, j, state)

@@ -399,18 +399,15 @@ def write_run_config(config, workdir: str) -> None:
     first record and log the keys whose values changed."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RUN_CONFIG)
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+    previous = read_run_config(workdir)
+    if previous:
         if previous != current:
             logging.warning("Config differs from the one recorded in %s; resuming with the new "
                             "values. Recorded: %s", path, previous)
         return
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+    jsonfile.write_json(path, current, indent=2)  # atomic: a kill leaves no half-written record
 
 
 def num_steps(config) -> int:
