@@ -15,7 +15,8 @@ models' and which the sampler's discretisation. Each (seed, variant, row, steps)
 in OUT (and ``--archive``) as soon as it is measured and read back afterwards, so the table
 can be built across sessions; a row not trained on this machine is skipped with a note.
 Writes OUT/sampler_steps.json and OUT/sampler_steps.md: each row at each step count (mean ±
-95% interval over seeds), then each step count's difference to the smallest, paired by seed.
+95% interval over seeds), then each step count's difference to the smallest, paired by seed,
+then (several rows) each row minus ``--baseline`` at each step count, paired by seed.
 """
 
 from __future__ import annotations
@@ -93,9 +94,25 @@ def collect(plan: list[tuple[int, str]], rows: list[str], steps: list[int], runs
     return records
 
 
-def table(records: list[dict]) -> str:
+def paired_diffs(group: list[dict], base: dict) -> list[dict]:
+    """Per record of ``group`` (seed order), its COLUMNS minus those of ``base[seed]``."""
+    return [{k: r[k] - base[r["seed"]][k] for k, _, _ in COLUMNS
+             if r.get(k) is not None and base[r["seed"]].get(k) is not None} for r in group]
+
+
+def diff_line(variant: str, label: str, group: list[dict], base: dict) -> str:
+    """A table line: ``group``'s paired differences to ``base`` (bold: interval excludes 0)."""
+    return (f"| {variant} | {label} | "
+            + " | ".join(tables.cells(paired_diffs(group, base), COLUMNS, bold_nonzero=True,
+                                      signed=True))
+            + f" | {','.join(str(g['seed']) for g in group)} |")
+
+
+def table(records: list[dict], baseline: str = "") -> str:
     """Markdown: each (variant, row, steps) over its seeds, then each step count's paired
-    difference to the row's smallest one."""
+    difference to the row's smallest one, then (with ``baseline``, a row) each other row's
+    paired difference to ``baseline`` sampled with the same number of steps — does a gap
+    between rows close when both are sampled more finely?"""
     from sfbd_jax.diffusion import sampler
 
     head = "| σ_ζ variant | row | sampler steps (evaluations) | "
@@ -123,13 +140,22 @@ def table(records: list[dict]) -> str:
         for n in sorted(by_steps)[1:]:
             group = sorted((r for r in by_steps[n] if r["seed"] in base),
                            key=lambda r: r["seed"])
-            diffs = [{k: r[k] - base[r["seed"]][k] for k, _, _ in COLUMNS
-                      if r.get(k) is not None and base[r["seed"]].get(k) is not None}
-                     for r in group]
-            lines.append(f"| {variant} | {row} | {n} − {fewest} | "
-                         + " | ".join(tables.cells(diffs, COLUMNS, bold_nonzero=True,
-                                                   signed=True))
-                         + f" | {','.join(str(g['seed']) for g in group)} |")
+            lines.append(diff_line(variant, f"{row} | {n} − {fewest}", group, base))
+    across = []
+    for (variant, row), by_steps in groups.items():
+        if row == baseline or (variant, baseline) not in groups:
+            continue
+        for n in sorted(set(by_steps) & set(groups[variant, baseline])):
+            base = {r["seed"]: r for r in groups[variant, baseline][n]}
+            group = sorted((r for r in by_steps[n] if r["seed"] in base),
+                           key=lambda r: r["seed"])
+            if group:
+                across.append(diff_line(variant, f"{row} − {baseline} | {n}", group, base))
+    if across:
+        lines += ["", head.replace("row | sampler steps (evaluations)",
+                                   "rows (paired) | sampler steps")
+                  + " | ".join(h.rstrip(" ↑↓") for _, h, _ in COLUMNS) + " | seeds |",
+                  "|---|---|---|" + "---|" * len(COLUMNS) + "---|", *across]
     return "\n".join(lines)
 
 
@@ -141,6 +167,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--plan", default="0:sigma0.2", help="seed:variant pairs")
     parser.add_argument("--rows", default="sfbd", help="rows of reproduce_mnist.py")
     parser.add_argument("--steps", default="10,18,32", help="sampler.num_steps values")
+    parser.add_argument("--baseline", default="",
+                        help="a row: tabulate every other row minus it, paired by seed, at "
+                             "each step count both have (default: the first of --rows when "
+                             "--rows names several)")
     parser.add_argument("--equal_compute", action="store_true",
                         help="the rows of reproduce_mnist.py --equal_compute")
     parser.add_argument("--finished_only", action="store_true",
@@ -150,6 +180,8 @@ def main(argv: list[str] | None = None) -> str:
     unknown = sorted(set(rows) - set(reproduce_mnist.ROW_ORDER))
     if unknown:
         raise ValueError(f"unknown rows {unknown}: choose from {reproduce_mnist.ROW_ORDER}")
+    if args.baseline and args.baseline not in rows:
+        raise ValueError(f"--baseline={args.baseline} is not one of --rows={args.rows}")
     steps = sorted({int(n) for n in args.steps.split(",")})
     if steps[0] < 2:
         raise ValueError(f"--steps={args.steps}: the sampler needs at least 2 levels")
@@ -167,7 +199,8 @@ def main(argv: list[str] | None = None) -> str:
                       os.path.abspath(args.runs), out, args.archive, args.equal_compute,
                       args.finished_only)
     jsonfile.write_json(os.path.join(out, "sampler_steps.json"), records)
-    text = table(records)
+    baseline = args.baseline or (rows[0] if len(rows) > 1 else "")
+    text = table(records, baseline)
     with open(os.path.join(out, "sampler_steps.md"), "w") as f:
         f.write(text + "\n")
     print(text)

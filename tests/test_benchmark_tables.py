@@ -107,3 +107,30 @@ def test_sampler_steps_table_pairs_each_step_count_with_the_fewest_on_the_same_s
     assert cells[5] == "**-0.020 ± 0.000**" and cells[-1] == "0,1,2"
     diff32 = next(line for line in lines if line.startswith("| sigma0.2 | sfbd | 32 − 10 |"))
     assert "| -0.40 |" in diff32 and diff32.endswith("| 1 |")
+
+
+def test_sampler_steps_table_pairs_rows_with_the_baseline_at_each_step_count():
+    import sampler_steps
+
+    def record(row, seed, steps, noise):
+        return {"seed": seed, "variant": "sigma0.2", "row": row, "steps": steps,
+                "noise_sigma": noise}
+
+    records = [record("sfbd", s, n, 0.07 - 0.02 * (n > 10) + 0.001 * s)
+               for s in (0, 1, 2) for n in (10, 32)]
+    # TweedieDiff: 0.055 below SFBD at 10 levels on every seed, 0.037 below at 32; seed 2 has
+    # no 32-level record, so that line pairs seeds 0 and 1 only.
+    records += [record("tweediediff", s, 10, 0.015 + 0.001 * s) for s in (0, 1, 2)]
+    records += [record("tweediediff", s, 32, 0.013 + 0.001 * s) for s in (0, 1)]
+    records += [record("oracle", 0, 18, 0.01)]  # no step count in common: no line
+    assert "rows (paired)" not in sampler_steps.table(records)  # no baseline named
+    lines = sampler_steps.table(records, baseline="sfbd").splitlines()
+    start = next(i for i, line in enumerate(lines) if "| rows (paired) | sampler steps |" in line)
+    across = lines[start + 2:]
+    assert len(across) == 2
+    cells10, cells32 = ([c.strip() for c in line.split("|")[1:-1]] for line in across)
+    assert cells10[:3] == ["sigma0.2", "tweediediff − sfbd", "10"]
+    assert cells10[5] == "**-0.055 ± 0.000**" and cells10[-1] == "0,1,2"
+    assert cells32[:3] == ["sigma0.2", "tweediediff − sfbd", "32"]
+    assert cells32[5] == "**-0.037 ± 0.000**" and cells32[-1] == "0,1"
+    assert cells10[3] == "–"  # a metric neither row holds
