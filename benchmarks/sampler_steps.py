@@ -58,12 +58,12 @@ def measure(runs: str, seed: int, variant: str, row: str, steps: int,
     levels; None when that run (or its final checkpoint) is not on this machine."""
     from sfbd_jax import evaluate
 
-    config = reproduce_mnist.row_config(variant, seed, row, runs, equal_compute=equal_compute)
     workdir = reproduce_mnist.row_workdir(runs, seed, variant, row, equal_compute)
-    checkpoint = final_checkpoint(row, config)
     if not os.path.exists(os.path.join(workdir, "reproduce_row.json")):
         print(f"[sampler_steps] {workdir}: not a finished row here, skipped", flush=True)
         return None
+    config = reproduce_mnist.row_config(variant, seed, row, runs, equal_compute=equal_compute)
+    checkpoint = final_checkpoint(row, config)
     config.sampler.num_steps = steps
     start = time.time()
     result = evaluate.evaluate(config, workdir, checkpoint)
