@@ -410,8 +410,7 @@ PAIRED_COLUMNS = (("classifier_fd", "classifier FD", 2), ("swd", "sliced W₁", 
 
 def differences(a: dict, b: dict) -> dict:
     """a − b for every PAIRED_COLUMNS key both results hold."""
-    return {key: a[key] - b[key] for key, _, _ in PAIRED_COLUMNS
-            if a.get(key) is not None and b.get(key) is not None}
+    return tables.differences(a, b, PAIRED_COLUMNS)
 
 
 def paired_markdown(title: str, lines: list[str], columns, extra: tuple[str, ...] = ()) -> str:

@@ -96,8 +96,7 @@ def collect(plan: list[tuple[int, str]], rows: list[str], steps: list[int], runs
 
 def paired_diffs(group: list[dict], base: dict) -> list[dict]:
     """Per record of ``group`` (seed order), its COLUMNS minus those of ``base[seed]``."""
-    return [{k: r[k] - base[r["seed"]][k] for k, _, _ in COLUMNS
-             if r.get(k) is not None and base[r["seed"]].get(k) is not None} for r in group]
+    return [tables.differences(r, base[r["seed"]], COLUMNS) for r in group]
 
 
 def diff_line(variant: str, label: str, group: list[dict], base: dict) -> str:

@@ -109,6 +109,12 @@ def fmt(values: list[float], digits: int, bold_nonzero: bool = False,
     return f"**{text}**" if bold_nonzero and abs(mean) > half else text
 
 
+def differences(a: dict, b: dict, columns) -> dict:
+    """a − b for every (key, header, digits) column whose key both results hold."""
+    return {key: a[key] - b[key] for key, _, _ in columns
+            if a.get(key) is not None and b.get(key) is not None}
+
+
 def cells(group: list[dict], columns, bold_nonzero: bool = False,
           signed: bool = False) -> list[str]:
     """One formatted cell per (key, header, digits) column over the rows of ``group``
