@@ -37,7 +37,8 @@ COLUMNS = (("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓",
            ("precision", "precision ↑", 3), ("recall", "recall ↑", 3),
            ("coverage", "coverage ↑", 3),
            ("memorised_fraction_train_pixel", "memorised: train set, px", 3))
-ROUNDED_ROWS = ("sfbd", "sfbd_lean", "sfbd_quick", "emdiffusion", "clean_only")
+ROUNDED_ROWS = ("sfbd", "sfbd_lean", "sfbd_quick", "sfbd_fewer_quick", "emdiffusion",
+                "clean_only")
 
 
 def final_checkpoint(row: str, config) -> str:

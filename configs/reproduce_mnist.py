@@ -97,44 +97,68 @@ def emdiffusion(c):
     return c
 
 
-def sfbd_lean(c):
-    """Make ``c`` (an SFBD config of this file) the row 'sfbd_lean': SFBD at the same compute
-    with half the rounds (rounds // 2, at least one), the backward passes it skips spent on
-    training images (3 forward-pass equivalents each; a backward pass costs one per denoiser
-    evaluation), split evenly over its rounds. The same pretraining and backward grid."""
+def reallocate(c, rounds: int, backward_num_steps: int):
+    """Make ``c`` (an SFBD config of this file) SFBD at the same compute with ``rounds``
+    rounds whose backward passes run on the Karras grid of ``backward_num_steps`` levels: the
+    denoiser evaluations this saves against ``c``'s backward passes (one forward-pass
+    equivalent each) are spent on training images (3 each), split evenly over the rounds and
+    cut to whole batches. The same pretraining. Raises ValueError where the new passes would
+    cost more than ``c``'s."""
     from sfbd_jax.config_checks import noisy_count
     from sfbd_jax.methods import backward
 
     evaluations, _ = backward.cost_per_image(c, c.corrupt.sigma)
-    rounds = max(1, c.sfbd.rounds // 2)
-    saved = (c.sfbd.rounds - rounds) * noisy_count(c) * evaluations
-    images = c.sfbd.rounds * c.sfbd.images_per_round + saved // 3
+    before = c.sfbd.rounds * noisy_count(c) * evaluations
+    c.sfbd.backward_num_steps = backward_num_steps
+    evaluations, _ = backward.cost_per_image(c, c.corrupt.sigma)
+    after = rounds * noisy_count(c) * evaluations
+    if after > before:
+        raise ValueError(f"{rounds} backward passes of {evaluations} evaluations per noisy image "
+                         f"cost more than SFBD's {c.sfbd.rounds} ({after} > {before} evaluations)")
+    images = c.sfbd.rounds * c.sfbd.images_per_round + (before - after) // 3
     per_round = images // rounds
     c.sfbd.rounds = rounds
     c.sfbd.images_per_round = per_round - per_round % c.train.batch_size
     return c
 
 
-QUICK_BACKWARD_STEPS = 6  # row 'sfbd_quick': [σ_ζ, 0.085, 0.002, 0], 5 evaluations per image
+def sfbd_lean(c):
+    """Make ``c`` (an SFBD config of this file) the row 'sfbd_lean': SFBD at the same compute
+    with half the rounds (rounds // 2, at least one), the backward passes it skips spent on
+    training images (``reallocate``). The same pretraining and backward grid."""
+    return reallocate(c, max(1, c.sfbd.rounds // 2), c.sfbd.backward_num_steps)
+
+
+QUICK_BACKWARD_STEPS = 6  # rows 'sfbd_quick', 'sfbd_fewer_quick': [σ_ζ, 0.085, 0.002, 0]
+
+
+def quick_backward_steps(c) -> int:
+    """``QUICK_BACKWARD_STEPS``, after checking that its grid (5 evaluations per noisy image)
+    is cheaper than ``c``'s backward grid (7 at σ_ζ = 0.2, 9 at 0.59); ValueError if not."""
+    from sfbd_jax.methods import backward
+
+    steps = c.sfbd.backward_num_steps
+    evaluations, _ = backward.cost_per_image(c, c.corrupt.sigma)
+    c.sfbd.backward_num_steps = QUICK_BACKWARD_STEPS
+    quick, _ = backward.cost_per_image(c, c.corrupt.sigma)
+    c.sfbd.backward_num_steps = steps
+    if quick >= evaluations:
+        raise ValueError(f"the grid of {QUICK_BACKWARD_STEPS} levels costs {quick} "
+                         f"evaluations per image, not fewer than SFBD's {evaluations} "
+                         f"(sfbd.backward_num_steps={steps})")
+    return QUICK_BACKWARD_STEPS
 
 
 def sfbd_quick(c):
     """Make ``c`` (an SFBD config of this file) the row 'sfbd_quick': SFBD at the same compute
     and rounds with cheaper backward passes, on the Karras grid of ``QUICK_BACKWARD_STEPS``
-    levels (5 evaluations per noisy image instead of 7 at σ_ζ = 0.2 and 9 at 0.59), the
-    evaluations saved spent on training images (3 forward-pass equivalents each), split evenly
-    over the rounds. The same pretraining."""
-    from sfbd_jax.config_checks import noisy_count
-    from sfbd_jax.methods import backward
+    levels, the evaluations saved spent on training images (``reallocate``)."""
+    return reallocate(c, c.sfbd.rounds, quick_backward_steps(c))
 
-    evaluations, _ = backward.cost_per_image(c, c.corrupt.sigma)
-    steps, c.sfbd.backward_num_steps = c.sfbd.backward_num_steps, QUICK_BACKWARD_STEPS
-    quick, _ = backward.cost_per_image(c, c.corrupt.sigma)
-    if quick >= evaluations:
-        raise ValueError(f"sfbd_quick: the grid of {QUICK_BACKWARD_STEPS} levels costs {quick} "
-                         f"evaluations per image, not fewer than SFBD's {evaluations} "
-                         f"(sfbd.backward_num_steps={steps})")
-    saved = c.sfbd.rounds * noisy_count(c) * (evaluations - quick)
-    per_round = c.sfbd.images_per_round + saved // 3 // c.sfbd.rounds
-    c.sfbd.images_per_round = per_round - per_round % c.train.batch_size
-    return c
+
+def sfbd_fewer_quick(c):
+    """Make ``c`` (an SFBD config of this file) the row 'sfbd_fewer_quick': SFBD at the same
+    compute with three quarters of the rounds (3 of 4; at least one) *and* the cheaper backward
+    grid of 'sfbd_quick', the evaluations saved spent on training images (``reallocate``):
+    about the training of 'sfbd_lean' and one denoising pass more."""
+    return reallocate(c, max(1, c.sfbd.rounds * 3 // 4), quick_backward_steps(c))

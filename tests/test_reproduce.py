@@ -38,10 +38,12 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     assert rows == {("oracle", None), ("clean_only", 0), ("noisy", None), ("sfbd", 0),
                     ("sfbd", 1), ("sfbd", 2), ("sfbd_lean", 0), ("sfbd_lean", 1),
                     ("sfbd_quick", 0), ("sfbd_quick", 1), ("sfbd_quick", 2),
+                    ("sfbd_fewer_quick", 0), ("sfbd_fewer_quick", 1),
                     ("online_sfbd", 0), ("online_sfbd", 1),
                     ("online_sfbd", 2), ("tweediediff", None), ("emdiffusion", 0),
                     ("emdiffusion", 1)}
-    budgets = {r["train_images"] for r in results if r["row"] not in ("sfbd_lean", "sfbd_quick")}
+    budgets = {r["train_images"] for r in results
+               if r["row"] not in reproduce_mnist.ALLOCATION_ROWS}
     assert len(budgets) == 1  # the same training budget for every row but SFBD's reallocations
     for r in results:
         assert np.isfinite(r["classifier_fd"]) and r["swd"] > 0
@@ -89,6 +91,11 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     assert quick["images_seen"] > final["sfbd"]["images_seen"]
     assert 0 <= final["sfbd"]["compute_fpe"] - quick["compute_fpe"] < 3 * 32 * 2
     assert np.isfinite(quick["psnr"])
+    # 3/4 of the rounds (here 1 of 2) on the cheaper grid, the rest paid as training images.
+    fewer = final["sfbd_fewer_quick"]
+    assert fewer["denoise_evaluations"] == 350 * 5
+    assert fewer["images_seen"] > lean["images_seen"]
+    assert 0 <= final["sfbd"]["compute_fpe"] - fewer["compute_fpe"] < 3 * 32
     assert np.isfinite(em["psnr"])
     for label in ("(1) EDM on all clean", "(2) EDM on the 50 clean only",
                   "(3) EDM on the noisy set", "(4) SFBD round 2",
@@ -98,7 +105,9 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
                   "(4c) SFBD, half the rounds, more training: round 1",
                   "| 0.2 | (4c) SFBD, half the rounds |",
                   "(4d) SFBD, cheaper backward passes, more training: round 2",
-                  "| 0.2 | (4d) SFBD, cheaper backward passes |"):
+                  "| 0.2 | (4d) SFBD, cheaper backward passes |",
+                  "(4e) SFBD, 3/4 of the rounds, cheaper backward passes, more training: round 1",
+                  "| 0.2 | (4e) SFBD, 3/4 of the rounds, cheaper passes |"):
         assert label in text
     with open(os.path.join(out, "table_final.md")) as f:
         final = f.read()
@@ -115,7 +124,8 @@ def test_reproduction_smoke_writes_every_row_table_and_figure(smoke_run):
     # alone (what is committed) rebuilds the same table on a machine without the runs.
     kept = [os.path.relpath(d, archive) for d, _, files in os.walk(archive)
             if "reproduce_row.json" in files]
-    assert len(kept) == 9 and os.path.join("seed0", "smoke", "sfbd") in kept
+    assert len(kept) == len(reproduce_mnist.ROW_ORDER) == 10
+    assert os.path.join("seed0", "smoke", "sfbd") in kept
     assert not any(name.endswith((".npy", ".png")) or name == "checkpoints"
                    for _, dirs, files in os.walk(archive) for name in dirs + files)
     elsewhere = os.path.join(out, "elsewhere")
@@ -173,6 +183,23 @@ def test_equal_compute_gives_training_only_rows_sfbds_whole_compute():
         assert quick.sfbd.images_per_round > full.sfbd.images_per_round
         gap = reproduce_mnist.sfbd_compute(full) - reproduce_mnist.sfbd_compute(quick)
         assert 0 <= gap < 3 * 64 * 4
+    # 3/4 of the rounds on the cheaper grid: 3 passes of 5 evaluations; at σ_ζ = 0.2 the
+    # 4 × 7 − 3 × 5 = 13 evaluations per noisy image saved buy 21,450 training images,
+    # 10,560 a round in whole batches.
+    for variant in ("sigma0.2", "sigma0.59"):
+        full = reproduce_mnist.row_config(variant, 0, "sfbd", "/tmp/x")
+        fewer = reproduce_mnist.row_config(variant, 0, "sfbd_fewer_quick", "/tmp/x", True)
+        assert fewer.sfbd.rounds == 3
+        assert backward.cost_per_image(fewer, fewer.corrupt.sigma)[0] == 5
+        assert fewer.train.total_images == 3_200 + 3 * fewer.sfbd.images_per_round
+        gap = reproduce_mnist.sfbd_compute(full) - reproduce_mnist.sfbd_compute(fewer)
+        assert 0 <= gap < 3 * 64 * 3
+    fewer = reproduce_mnist.row_config("sigma0.2", 0, "sfbd_fewer_quick", "/tmp/x", True)
+    assert fewer.sfbd.images_per_round == 10_560
+    # A reallocation that would spend more on denoising than SFBD does is refused.
+    dear = reproduce_mnist.row_config("sigma0.2", 0, "sfbd", "/tmp/x")
+    with pytest.raises(ValueError, match="cost more than SFBD's 4"):
+        configs_reproduce.reallocate(dear, 5, dear.sfbd.backward_num_steps)
     cheap = reproduce_mnist.row_config("sigma0.2", 0, "sfbd", "/tmp/x")
     cheap.sfbd.backward_num_steps = 6  # already as cheap as the quick grid: refused
     with pytest.raises(ValueError, match="not fewer than SFBD's 5"):
