@@ -488,8 +488,6 @@ def against_sfbd_table(results: list[dict]) -> str:
     return paired_markdown("row − SFBD (last round)", lines, columns, ("compute ÷ SFBD's",))
 
 
-
-
 def final_results(results: list[dict]) -> list[dict]:
     """The results a reader compares: every row at the end of its budget (its last round at
     each σ_ζ), and for SFBD's reallocations also their first round (their first model trained
