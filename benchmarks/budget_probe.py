@@ -2,6 +2,7 @@
 
     python benchmarks/budget_probe.py --out runs/budget_probe --points 1,2,4,8,16
     python benchmarks/budget_probe.py --out /tmp/probe --smoke          # tiny, for the tests
+    python benchmarks/budget_probe.py --out runs/probe_lr3e-3 --points 4 --set optim.lr=3e-3
 
 Trains the oracle row of ``reproduce_mnist.py`` (EDM on all 5,000 clean digits: the table's
 network, optimiser and batch) once, for max(points) × the table's budget B (13,440 images),
@@ -13,6 +14,11 @@ of samples it recognises (top probability ≥ 0.9; real digits score the figure 
 scale), and gets a 64-sample grid. Points already evaluated are read back (the training resumes
 from its latest checkpoint), so the probe can be built across sessions. Writes
 OUT/budget_probe.json, OUT/budget_probe.md and OUT/budget_probe_samples.png.
+
+``--set section.key=value`` (repeatable) changes the oracle's config, e.g. its learning rate,
+to ask whether another setting reaches the same metrics with fewer images; the overrides are
+recorded in budget_probe.json and headed in budget_probe.md, and an OUT holding a probe with
+other overrides is refused (one setting per OUT).
 """
 
 from __future__ import annotations
@@ -34,9 +40,16 @@ COLUMNS = (("classifier_fd", "classifier FD ↓", 2), ("swd", "sliced W₁ ↓",
            ("precision", "precision ↑", 3), ("recall", "recall ↑", 3))
 
 
-def probe_config(out: str, seed: int, points: list[int], smoke: bool):
-    """The oracle row's config trained for max(points) budgets, a checkpoint at each budget."""
+def probe_config(out: str, seed: int, points: list[int], smoke: bool,
+                 overrides: list[str] = ()):
+    """The oracle row's config (with ``overrides``, ``section.key=value``) trained for
+    max(points) budgets, a checkpoint at each budget. B stays the table's budget in images."""
+    from sfbd_jax.config_checks import apply_overrides
+
     c = reproduce_mnist.row_config("smoke" if smoke else "sigma0.2", seed, "oracle", out)
+    budget = c.train.total_images
+    apply_overrides(c, list(overrides))
+    c.train.total_images = budget
     base_steps = c.train.total_images // c.train.batch_size
     c.train.total_images = max(points) * base_steps * c.train.batch_size
     c.train.checkpoint_every_steps = base_steps
@@ -66,6 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--points", default="1,2,4,8,16",
                         help="multiples of the table's training budget to evaluate")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets (the test suite)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a change to the oracle's config (repeatable), e.g. optim.lr=3e-3")
     args = parser.parse_args(argv)
     points = sorted({int(p) for p in args.points.split(",")})
 
@@ -80,10 +95,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.set_verbosity(logging.INFO)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    config, base_steps = probe_config(out, args.seed, points, args.smoke)
+    try:
+        config, base_steps = probe_config(out, args.seed, points, args.smoke, args.set)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--set: {err}")
+    overrides = dict(s.split("=", 1) for s in args.set)
     workdir = os.path.join(out, f"seed{args.seed}", "oracle_long")
     record_path = os.path.join(out, "budget_probe.json")
-    record = jsonfile.read_json(record_path, {"points": []})
+    record = jsonfile.read_json(record_path, {"points": [], "overrides": overrides})
+    if record.get("overrides", {}) != overrides:
+        parser.error(f"{record_path} holds a probe with the overrides "
+                     f"{record.get('overrides', {})}, not {overrides}: use another --out")
     done = {(r["seed"], r["point"]) for r in record["points"]}
     if "real" not in record:
         record["real"] = real_confidence(config)
@@ -119,6 +141,9 @@ def table(record: dict) -> str:
     """Markdown: one line per budget, mean ± 95% interval over the seeds probed."""
     lines = ["| training images | × table budget | " + " | ".join(h for _, h, _ in COLUMNS)
              + " | seeds |", "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    if record.get("overrides"):
+        lines.insert(0, "Overrides of the oracle's config: " + ", ".join(
+            f"`{k}={v}`" for k, v in sorted(record["overrides"].items())) + "\n")
     for p in sorted({r["point"] for r in record["points"]}):
         group = [r for r in record["points"] if r["point"] == p]
         lines.append(f"| {group[0]['train_images']:,} | {p} | "

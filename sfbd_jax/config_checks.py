@@ -34,6 +34,31 @@ def parse_metrics(spec: str) -> tuple[str, ...]:
     return names
 
 
+def apply_overrides(config, pairs: list[str]) -> dict:
+    """Set ``section.key=value`` overrides (a benchmark's ``--set``) on ``config`` in place and
+    return them as {dotted key: value}. Values are read as Python literals (``3e-3``,
+    ``(1, 2)``, ``True``), else kept as strings; ml_collections then refuses a value of the
+    wrong type. A key the config lacks or a pair without ``=`` raises ValueError naming it."""
+    import ast
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {pair!r}: expected section.key=value")
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                raise ValueError(f"override {pair!r}: the config has no key {key!r}")
+            node = node[part]
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text
+    config.update_from_flattened_dict(overrides)
+    return overrides
+
+
 def _positive(config, path: str) -> None:
     value = config
     for part in path.split("."):

@@ -134,3 +134,24 @@ def test_sampler_steps_table_pairs_rows_with_the_baseline_at_each_step_count():
     assert cells32[:3] == ["sigma0.2", "tweediediff − sfbd", "32"]
     assert cells32[5] == "**-0.037 ± 0.000**" and cells32[-1] == "0,1"
     assert cells10[3] == "–"  # a metric neither row holds
+
+
+def test_budget_probe_refuses_other_overrides_in_the_same_out(tmp_path, capsys):
+    """One setting per OUT: a probe made with other ``--set`` overrides (or none) is not
+    extended, and a bad key is named; both before anything is trained."""
+    import budget_probe
+
+    from sfbd_jax.utils import jsonfile
+
+    jsonfile.write_json(str(tmp_path / "budget_probe.json"), {"points": [], "overrides": {}})
+    with pytest.raises(SystemExit):
+        budget_probe.main(["--out", str(tmp_path), "--smoke", "--set", "optim.lr=3e-3"])
+    assert "holds a probe with the overrides {}, not {'optim.lr': '3e-3'}" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        budget_probe.main(["--out", str(tmp_path), "--smoke", "--set", "optim.lrr=3e-3"])
+    assert "the config has no key 'optim.lrr'" in capsys.readouterr().err
+    assert budget_probe.table({"points": [], "overrides": {"optim.lr": "3e-3"},
+                               "real": {"count": 1, "confident_fraction": 1.0,
+                                        "classifier_confidence": 1.0}}).startswith(
+        "Overrides of the oracle's config: `optim.lr=3e-3`")

@@ -83,6 +83,26 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
     assert_one_line_error(proc, "--config.train.batch_size=abc")
 
 
+def test_benchmark_overrides_are_set_typed_and_name_a_bad_key():
+    """``--set section.key=value`` of the benchmarks (config_checks.apply_overrides)."""
+    from configs import default
+    from sfbd_jax.config_checks import apply_overrides
+
+    c = default.get_config()
+    assert apply_overrides(c, ["optim.lr=3e-3", "model.channel_mult=(1, 2)"]) == {
+        "optim.lr": 3e-3, "model.channel_mult": (1, 2)}
+    assert c.optim.lr == 3e-3 and c.model.channel_mult == (1, 2)
+    with pytest.raises(ValueError, match="the config has no key 'optim.no_such_key'"):
+        apply_overrides(c, ["optim.no_such_key=1"])
+    with pytest.raises(ValueError, match="the config has no key 'optim.lr.x'"):
+        apply_overrides(c, ["optim.lr.x=1"])
+    with pytest.raises(ValueError, match="expected section.key=value"):
+        apply_overrides(c, ["optim.lr"])
+    with pytest.raises(TypeError, match="lr"):
+        apply_overrides(c, ["optim.lr=abc"])
+    assert c.optim.lr == 3e-3  # nothing set by a refused override
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("--config.corrupt.sigma=-1", "config.corrupt.sigma=-1.0 must be >= 0"),
     ("--config.corrupt.clean_count=70", "config.corrupt.clean_count=70 exceeds the 64 images"),
