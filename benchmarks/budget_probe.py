@@ -18,7 +18,9 @@ OUT/budget_probe.json, OUT/budget_probe.md and OUT/budget_probe_samples.png.
 ``--set section.key=value`` (repeatable) changes the oracle's config, e.g. its learning rate,
 to ask whether another setting reaches the same metrics with fewer images; the overrides are
 recorded in budget_probe.json and headed in budget_probe.md, and an OUT holding a probe with
-other overrides is refused (one setting per OUT).
+other overrides is refused (one setting per OUT). ``--against OTHER/budget_probe.json``
+adds OUT/budget_probe_paired.md: this probe minus the other at each budget both have, paired
+by seed (e.g. a learning rate against the table's).
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true", help="tiny budgets (the test suite)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a change to the oracle's config (repeatable), e.g. optim.lr=3e-3")
+    parser.add_argument("--against", default="", metavar="JSON",
+                        help="another probe's budget_probe.json: a table of the differences")
     args = parser.parse_args(argv)
+    if args.against and not os.path.isfile(args.against):
+        parser.error(f"--against {args.against}: no such file")
     points = sorted({int(p) for p in args.points.split(",")})
 
     import jax
@@ -133,6 +139,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f.write(text + "\n")
     plot_samples(record, out)
     print(text)
+    if args.against:
+        paired = paired_table(record, jsonfile.read_json(args.against, None))
+        with open(os.path.join(out, "budget_probe_paired.md"), "w") as f:
+            f.write(paired + "\n")
+        print(paired)
     print(f"[budget_probe] done in {time.time() - start:.0f} s; results in {out}")
     return record["points"]
 
@@ -153,6 +164,30 @@ def table(record: dict) -> str:
     lines.append(f"| real digits ({real['count']:,}) | – | – | – | "
                  f"{real['confident_fraction']:.3f} | {real['classifier_confidence']:.3f} | – | – "
                  "| – |")
+    return "\n".join(lines)
+
+
+def setting(record: dict) -> str:
+    """The overrides of a probe, 'optim.lr=3e-3', or "the table's setting" for none."""
+    overrides = record.get("overrides") or {}
+    return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "the table's setting"
+
+
+def paired_table(record: dict, baseline: dict) -> str:
+    """Markdown: ``record``'s probe minus ``baseline``'s at every budget both evaluated,
+    mean ± 95% interval over the seeds both have (bold where it excludes 0)."""
+    lines = []
+    both = sorted({r["point"] for r in record["points"]}
+                  & {r["point"] for r in baseline["points"]})
+    for p in both:
+        results = ([{**r, "row": f"{p} × B"} for r in record["points"] if r["point"] == p]
+                   + [{**r, "row": "base"} for r in baseline["points"] if r["point"] == p])
+        text = tables.paired_table(results, "base", COLUMNS).splitlines()
+        if not lines:
+            lines = [text[0].replace("row − base (same seed)",
+                                     f"({setting(record)}) − ({setting(baseline)}), same seed"),
+                     text[1]]
+        lines += text[2:]
     return "\n".join(lines)
 
 

@@ -155,3 +155,24 @@ def test_budget_probe_refuses_other_overrides_in_the_same_out(tmp_path, capsys):
                                "real": {"count": 1, "confident_fraction": 1.0,
                                         "classifier_confidence": 1.0}}).startswith(
         "Overrides of the oracle's config: `optim.lr=3e-3`")
+
+
+def test_budget_probe_pairs_two_settings_by_seed_at_each_common_budget():
+    import budget_probe
+
+    def probe(overrides, values):  # values: {(seed, point): FD}
+        points = [{"seed": s, "point": p, "classifier_fd": fd, "swd": 0.1,
+                   "confident_fraction": 0.2, "classifier_confidence": 0.5, "precision": 0.8,
+                   "recall": 0.9} for (s, p), fd in values.items()]
+        return {"points": points, "overrides": overrides}
+
+    base = probe({}, {(0, 1): 5.0, (1, 1): 6.0, (2, 1): 7.0, (0, 2): 3.0, (0, 4): 2.0})
+    other = probe({"optim.lr": "3e-3"}, {(0, 1): 4.0, (1, 1): 5.1, (2, 1): 5.9, (0, 2): 3.5,
+                                         (0, 8): 1.0})
+    lines = budget_probe.paired_table(other, base).splitlines()
+    assert lines[0].startswith("| (optim.lr=3e-3) − (the table's setting), same seed | "
+                               "classifier FD ↓ |")
+    mean, half = tables.mean_ci([-1.0, -0.9, -1.1])
+    assert lines[2].startswith(f"| 1 × B | **{mean:+.2f} ± {half:.2f}** | +0.0000 ± 0.0000 |")
+    assert lines[2].endswith("| 0,1,2 |")
+    assert lines[3].startswith("| 2 × B | +0.50 | +0.0000 |") and len(lines) == 4  # 4, 8: unpaired
