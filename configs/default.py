@@ -284,6 +284,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
     c.optim.warmup_images = 20_000
+    # EDM2's inverse-square-root decay: lr/sqrt(max(images_seen / decay_images, 1)); 0 = off
+    # (a constant rate after the warm-up, EDM's). Depends only on the images seen, not the budget.
+    c.optim.decay_images = 0
     c.optim.beta1 = 0.9
     c.optim.beta2 = 0.999
     c.optim.eps = 1e-8

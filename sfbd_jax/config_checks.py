@@ -80,6 +80,9 @@ def validate_config(config) -> None:
                  "eval.num_samples", "eval.batch_size", "eval.swd_projections",
                  "eval.kid_subsets", "eval.kid_subset_size"):
         _positive(config, path)
+    if config.optim.decay_images < 0:
+        raise ValueError("config.optim.decay_images must be >= 0 (0 = no decay), got "
+                         f"{config.optim.decay_images}")
     if config.train.prefetch_dispatches < 0:
         raise ValueError("config.train.prefetch_dispatches must be >= 0 (0 = no prefetch), got "
                          f"{config.train.prefetch_dispatches}")

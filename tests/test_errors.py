@@ -55,6 +55,10 @@ def test_bad_config_values_name_the_key():
     config.train.total_images = 0
     with pytest.raises(ValueError, match="config.train.total_images"):
         Experiment(config, devices.make_data_mesh(1))
+    config = tiny_config()
+    config.optim.decay_images = -1
+    with pytest.raises(ValueError, match="config.optim.decay_images"):
+        Experiment(config, devices.make_data_mesh(1))
 
 
 def run_cli(*args: str, module: str = "sfbd_jax.main") -> subprocess.CompletedProcess:

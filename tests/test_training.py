@@ -104,6 +104,37 @@ def test_warmup_schedule_values():
     assert float(optim.warmup_schedule(1e-3, 0, 10)(0)) == pytest.approx(1e-3)
 
 
+def test_inverse_sqrt_decay_values():
+    """EDM2's decay: lr·min(n/warmup, 1)/sqrt(max(n/decay, 1)), n = images after the step."""
+    config = tiny_config()
+    config.optim.lr, config.optim.warmup_images, config.optim.decay_images = 1e-3, 100, 400
+    sched = optim.lr_schedule(config.optim, batch_size=10)
+    steps = (0, 9, 39, 159, 399)  # 10, 100, 400, 1,600 and 4,000 images
+    np.testing.assert_allclose([float(sched(s)) for s in steps],
+                               [1e-4, 1e-3, 1e-3, 5e-4, 1e-3 / np.sqrt(10)], rtol=1e-6)
+    config.optim.decay_images = 0  # off: the warm-up alone
+    constant = optim.lr_schedule(config.optim, batch_size=10)
+    np.testing.assert_allclose(float(constant(399)), 1e-3, rtol=1e-6)
+
+
+def test_decay_is_applied_by_the_optimizer():
+    """At step 2,000 of 8 images with decay_images = 4,000 the update is half the undecayed
+    optimiser's (the same Adam state: its step counter moved on, as after 1,999 steps)."""
+    config = tiny_config()
+    config.optim.warmup_images = 0
+    params, grads = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    moves = []
+    for decay_images in (4_000, 0):
+        config.optim.decay_images = decay_images
+        opt = optim.make_optimizer(config.optim, 8)
+        state = jax.tree.map(lambda x: jnp.full_like(x, 1_999) if x.dtype == jnp.int32 else x,
+                             opt.init(params))
+        updates, _ = opt.update(grads, state, params)
+        moves.append(np.asarray(updates["w"]))
+    assert np.all(moves[1] < 0)
+    np.testing.assert_allclose(moves[0], 0.5 * moves[1], rtol=1e-5)
+
+
 def test_warmup_is_applied_by_the_optimizer():
     config = tiny_config()
     config.optim.warmup_images = 80  # 10 steps of 8

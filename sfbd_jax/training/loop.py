@@ -55,8 +55,7 @@ class Programs:
         self.model = unet.build_unet(config.model, config.data.image_size, config.data.channels)
         self.denoise = precond.make_denoiser(self.model, config.diffusion.sigma_data)
         self.optimizer = optim.make_optimizer(config.optim, config.train.batch_size)
-        self.lr_schedule = optim.warmup_schedule(config.optim.lr, config.optim.warmup_images,
-                                                 config.train.batch_size)
+        self.lr_schedule = optim.lr_schedule(config.optim, config.train.batch_size)
         self.with_labels = config.model.num_classes > 0
         condition = (step.condition_transform(config.model, config.cep) if self.with_labels and (
             config.model.label_dropout > 0 or config.cep.kind != "none") else None)
